@@ -1,0 +1,27 @@
+"""Dispatchers: move tokens to the ranks that own their experts and back (torch only).
+
+Optional kernels (``deep_ep``, ``deep_gemm``) are imported lazily inside the dispatchers
+that need them, never at package import.
+"""
+
+from dispatchers.base import (
+    BaseDispatcher,
+    CombineInput,
+    DispatcherSetup,
+    DispatchFormat,
+    DispatchOutput,
+    ExpertPlacement,
+    TopK,
+)
+from dispatchers.groups import CommGroups
+
+__all__ = [
+    "BaseDispatcher",
+    "CombineInput",
+    "CommGroups",
+    "DispatcherSetup",
+    "DispatchFormat",
+    "DispatchOutput",
+    "ExpertPlacement",
+    "TopK",
+]

@@ -1,0 +1,1 @@
+"""moe-a2a model side: routing, experts, the EP MoE layer, parallel context, CLI."""

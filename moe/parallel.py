@@ -1,0 +1,150 @@
+"""Parallel context: process groups derived from the resolved sizes, passed explicitly.
+
+The same code runs under ``moe-a2a run`` (spawned local ranks, file/TCP rendezvous) and
+under ``torchrun`` (``env://`` rendezvous). Nothing here reads the environment: launch
+variables are read once in ``server_args.launch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from dispatchers.groups import CommGroups
+from moe.errors import MoeA2AError
+
+
+@dataclass(frozen=True)
+class ParallelSizes:
+    """The four sizes that fix the layout; ``attn_tp_size = tp // attn_dp_size``."""
+
+    tp_size: int
+    attn_dp_size: int = 1
+    ep_size: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tp_size", "attn_dp_size", "ep_size"):
+            if getattr(self, name) < 1:
+                raise MoeA2AError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.tp_size % self.attn_dp_size:
+            raise MoeA2AError(
+                f"tp_size={self.tp_size} is not divisible by the attention dp size "
+                f"{self.attn_dp_size}: choose --dp-size dividing --tp-size"
+            )
+        if self.tp_size % self.ep_size:
+            raise MoeA2AError(
+                f"tp_size={self.tp_size} is not divisible by ep_size={self.ep_size}: "
+                f"choose --ep-size dividing --tp-size"
+            )
+
+    @property
+    def attn_tp_size(self) -> int:
+        return self.tp_size // self.attn_dp_size
+
+    @property
+    def moe_tp_size(self) -> int:
+        return self.tp_size // self.ep_size
+
+    @classmethod
+    def from_server_args(cls, args) -> "ParallelSizes":
+        """From a resolved ``server_args.ServerArgs`` (duck-typed to keep imports one-way)."""
+        return cls(tp_size=args.tp_size, attn_dp_size=args.attn_dp_size, ep_size=args.ep_size)
+
+    def layout_groups(self) -> Dict[str, List[List[int]]]:
+        """Rank lists of every group kind (documented in ``dispatchers.groups``)."""
+        tp, atp, ep, mtp = self.tp_size, self.attn_tp_size, self.ep_size, self.moe_tp_size
+        return {
+            "attn_tp": [list(range(d * atp, (d + 1) * atp)) for d in range(self.attn_dp_size)],
+            "attn_dp": [list(range(t, tp, atp)) for t in range(atp)],
+            "moe_tp": [list(range(e * mtp, (e + 1) * mtp)) for e in range(ep)],
+            "ep": [list(range(m, tp, mtp)) for m in range(mtp)],
+        }
+
+
+def _new_groups(rank_lists: Sequence[Sequence[int]], rank: int, backend: Optional[str]):
+    """Create every group of one kind (all ranks must call this in the same order)."""
+    mine = None
+    for ranks in rank_lists:
+        if len(ranks) == 1:
+            continue  # size-1 groups communicate nothing; all ranks skip them alike
+        group = dist.new_group(list(ranks), backend=backend)
+        if rank in ranks:
+            mine = group
+    return mine
+
+
+def build_comm_groups(sizes: ParallelSizes, rank: int, backend: Optional[str] = None) -> CommGroups:
+    """Create the sub-groups for ``rank``; collective over the default process group."""
+    world = sizes.tp_size
+    if world > 1:
+        if not dist.is_initialized():
+            raise MoeA2AError("torch.distributed is not initialised: call init_distributed() first")
+        if dist.get_world_size() != world:
+            raise MoeA2AError(
+                f"the process group has {dist.get_world_size()} ranks but tp_size={world}: "
+                f"launch exactly tp_size processes (e.g. torchrun --nproc-per-node {world})"
+            )
+    layout = sizes.layout_groups() if world > 1 else {}
+    groups = {kind: _new_groups(ranks, rank, backend) for kind, ranks in layout.items()}
+    atp, mtp = sizes.attn_tp_size, sizes.moe_tp_size
+    return CommGroups(
+        rank=rank,
+        world_size=world,
+        world_group=dist.group.WORLD if world > 1 else None,
+        ep_rank=rank // mtp,
+        ep_size=sizes.ep_size,
+        ep_group=groups.get("ep"),
+        moe_tp_rank=rank % mtp,
+        moe_tp_size=mtp,
+        moe_tp_group=groups.get("moe_tp"),
+        attn_tp_rank=rank % atp,
+        attn_tp_size=atp,
+        attn_tp_group=groups.get("attn_tp"),
+        dp_rank=rank // atp,
+        dp_size=sizes.attn_dp_size,
+        attn_dp_group=groups.get("attn_dp"),
+        dp_attention=sizes.attn_dp_size > 1,
+        backend=dist.get_backend() if world > 1 else "none",
+    )
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """This process's place in the job: sizes, device and groups."""
+
+    sizes: ParallelSizes
+    groups: CommGroups
+    device: torch.device
+
+    @property
+    def rank(self) -> int:
+        return self.groups.rank
+
+
+def init_distributed(rank: int, world_size: int, *, backend: str, init_method: str,
+                     timeout_s: float = 300.0) -> None:
+    """Join the default process group (no-op for one rank)."""
+    if world_size == 1 or dist.is_initialized():
+        return
+    import datetime
+
+    dist.init_process_group(backend=backend, init_method=init_method, rank=rank,
+                            world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def default_backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def make_parallel_context(sizes: ParallelSizes, rank: int, device: torch.device) -> ParallelContext:
+    groups = build_comm_groups(sizes, rank)
+    return ParallelContext(sizes=sizes, groups=groups, device=device)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

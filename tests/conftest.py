@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+from moe.testing import RankPool
+
+
+@pytest.fixture(scope="session")
+def pool2():
+    with RankPool(2) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="session")
+def pool4():
+    with RankPool(4) as pool:
+        yield pool
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
