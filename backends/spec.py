@@ -2,14 +2,21 @@
 
 Nothing outside this package compares backend *names* to decide behaviour; it asks the
 spec (``token_layout``, ``ep_policy``, ``fused_experts``, ``modes`` ...).
+
+A :class:`BackendSpec` validates itself when it is created, so an invalid spec cannot exist,
+whichever way it was made (``register_backend``, an entry-point factory, or by hand).
 """
 
 from __future__ import annotations
 
+import enum
 import importlib
 import importlib.metadata
+import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional, Tuple, Union
+from typing import Any, Iterable, Literal, Mapping, Optional, Tuple, Union
+
+from backends.errors import InvalidBackendError
 
 TokenLayout = Literal["replicated", "scattered"]
 EpPolicy = Literal["user", "tp"]
@@ -19,28 +26,93 @@ TOKEN_LAYOUTS: Tuple[str, ...] = ("replicated", "scattered")
 EP_POLICIES: Tuple[str, ...] = ("user", "tp")
 DEVICES: Tuple[str, ...] = ("cpu", "cuda")
 
+# A backend name after normalisation: it travels through flags, env variables and JSON.
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_DOTTED_PATH_RE = re.compile(rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*$")
+_REQUIREMENT_RE = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(?:>=\s*([0-9][A-Za-z0-9.+\-]*))?\s*$")
 
-def normalize_name(name: str) -> str:
-    """Backend names are case-insensitive and treat ``-`` as ``_``."""
+
+def normalize_name(name: Any) -> str:
+    """Backend names are case-insensitive and treat ``-`` as ``_`` (``"Deep-EP"`` → ``"deep_ep"``)."""
+    if isinstance(name, enum.Enum):  # str(SomeStrEnum.X) is "SomeStrEnum.X" before 3.11's StrEnum
+        name = name.value
     return str(name).strip().lower().replace("-", "_")
+
+
+def validate_name(name: Any) -> str:
+    """Normalise ``name`` and check it can travel through flags, env variables and JSON."""
+    if not isinstance(name, str):
+        raise InvalidBackendError(
+            f"backend name {name!r} is a {type(name).__name__}: it must be a string; "
+            f"fix: pass the name as text, e.g. 'my_a2a'"
+        )
+    normalised = normalize_name(name)
+    if not _NAME_RE.match(normalised):
+        raise InvalidBackendError(
+            f"backend name {name!r} is invalid: after normalisation ({normalised!r}) it must match "
+            f"[a-z][a-z0-9_]* (start with a letter; letters, digits, '_' or '-'); "
+            f"fix: choose a name such as 'my_a2a'"
+        )
+    return normalised
+
+
+def _version_tuple(text: str) -> Tuple[int, ...]:
+    """``"2.1.0rc1+cu124"`` → ``(2, 1, 0)``: the leading release numbers only."""
+    parts = []
+    for piece in text.split("+")[0].split("."):
+        match = re.match(r"\d+", piece)
+        if not match:
+            break
+        parts.append(int(match.group()))
+        if match.end() != len(piece):  # "0rc1": a pre-release tag ends the release part
+            break
+    return tuple(parts)
 
 
 @dataclass(frozen=True)
 class Requirement:
     """An importable package a backend needs.
 
-    ``distribution`` is the pip name (for versions and hints), ``module`` the import name.
+    ``module`` is the import name, ``distribution`` the pip name (for versions and hints;
+    defaults to ``module``), ``min_version`` the oldest release that works.
     """
 
     module: str
     distribution: Optional[str] = None
     min_version: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.module, str) or not re.match(rf"^{_IDENT}(\.{_IDENT})*$", self.module):
+            raise InvalidBackendError(
+                f"requirement module {self.module!r} is not an importable module name; "
+                f"fix: give the import name, e.g. Requirement('deep_ep')"
+            )
+        if self.min_version is not None and not _version_tuple(str(self.min_version)):
+            raise InvalidBackendError(
+                f"requirement {self.module!r}: min_version {self.min_version!r} is not a version "
+                f"number; fix: use a release such as '1.1' or '2.0.1'"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> "Requirement":
+        """``"deep_ep"`` or ``"deep_ep>=1.1"`` (module and distribution share the name)."""
+        match = _REQUIREMENT_RE.match(text) if isinstance(text, str) else None
+        if not match:
+            raise InvalidBackendError(
+                f"requirement {text!r} is not understood: expected 'module' or 'module>=version'; "
+                f"fix: write e.g. 'deep_ep>=1.1', or pass Requirement(module=..., distribution=...)"
+            )
+        name, version = match.group(1), match.group(2)
+        return cls(module=name.replace("-", "_"), distribution=name, min_version=version)
+
     def check(self) -> Tuple[bool, str]:
-        """``(ok, reason)``; the reason carries the real import error text."""
+        """``(ok, reason)``; the reason carries the real import error text. Never raises."""
         try:
             importlib.import_module(self.module)
-        except Exception as exc:  # ImportError, or a broken CUDA build raising OSError/RuntimeError
+        except BaseException as exc:  # ImportError, or a broken CUDA build raising OSError/RuntimeError/SystemExit
+            if isinstance(exc, KeyboardInterrupt):
+                raise
             return False, f"import {self.module} failed: {type(exc).__name__}: {exc}"
         if self.min_version is None:
             return True, ""
@@ -58,14 +130,7 @@ class Requirement:
         return f"{dist}>={self.min_version}" if self.min_version else dist
 
 
-def _version_tuple(text: str) -> Tuple[int, ...]:
-    parts = []
-    for piece in text.split("+")[0].split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
+RequirementLike = Union[Requirement, str]
 
 
 @dataclass(frozen=True)
@@ -74,19 +139,24 @@ class BackendSpec:
 
     Attributes:
         name: normalised registry name.
-        dispatcher: the dispatcher class, or a dotted path ``"pkg.mod:Class"`` imported lazily.
+        dispatcher: the dispatcher class (a ``dispatchers.BaseDispatcher`` subclass), or a
+            dotted path ``"pkg.mod:Class"`` imported lazily.
         token_layout: ``"replicated"`` (every attention-TP rank holds the same tokens) or
             ``"scattered"`` (each attention-TP rank holds a disjoint slice).
         ep_policy: ``"user"`` (ep_size as given) or ``"tp"`` (ep_size derived as tp_size).
         fused_experts: the backend computes the experts itself.
         modes: modes the backend accepts (``("default",)`` when it has none).
         cuda_graph_modes: the subset of ``modes`` whose kernels can be captured in a CUDA graph.
-        devices: where it runs.
+        devices: where it runs (a non-empty subset of ``("cpu", "cuda")``).
         requires: packages it imports at dispatcher construction time.
         min_compute_capability: ``(major, minor)`` needed on CUDA, or None.
         install_hint: what to run when a requirement is missing.
-        builtin: shipped with moe-a2a (set by the registry, not by users).
+        builtin: shipped with moe-a2a (only the registry's own built-ins set it).
         description: one line for tables.
+        extra: free-form metadata for third parties; not compared, not validated.
+
+    Sequences are stored as tuples and strings are normalised (modes lower case), so two
+    specs built from equivalent arguments compare equal.
     """
 
     name: str
@@ -104,25 +174,221 @@ class BackendSpec:
     description: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
+    def __post_init__(self) -> None:
+        set_ = lambda attr, value: object.__setattr__(self, attr, value)  # noqa: E731 - frozen
+        name = validate_name(self.name)
+        set_("name", name)
+        set_("dispatcher", _check_dispatcher(name, self.dispatcher))
+        set_("token_layout", _check_choice(name, "token_layout", self.token_layout, TOKEN_LAYOUTS))
+        set_("ep_policy", _check_choice(name, "ep_policy", self.ep_policy, EP_POLICIES))
+        for attr in ("fused_experts", "builtin"):
+            if not isinstance(getattr(self, attr), bool):
+                raise InvalidBackendError(
+                    f"backend {name!r}: {attr}={getattr(self, attr)!r} must be True or False"
+                )
+        modes = _check_names(name, "modes", self.modes)
+        if not modes:
+            raise InvalidBackendError(
+                f"backend {name!r}: modes=() is empty; a backend needs at least one mode; "
+                f"fix: modes=('default',) when the backend has no modes"
+            )
+        set_("modes", modes)
+        graph_modes = _check_names(name, "cuda_graph_modes", self.cuda_graph_modes)
+        outside = [m for m in graph_modes if m not in modes]
+        if outside:
+            raise InvalidBackendError(
+                f"backend {name!r}: cuda_graph_modes {outside} are not in modes {list(modes)}; "
+                f"cuda_graph_modes must be a subset of modes; fix: add them to modes or drop them"
+            )
+        set_("cuda_graph_modes", graph_modes)
+        devices = _check_names(name, "devices", self.devices)
+        bad = [d for d in devices if d not in DEVICES]
+        if bad or not devices:
+            raise InvalidBackendError(
+                f"backend {name!r}: devices={list(devices)} is invalid; it must be a non-empty "
+                f"subset of {list(DEVICES)}; fix: e.g. devices=('cuda',)"
+            )
+        set_("devices", devices)
+        set_("requires", _check_requires(name, self.requires))
+        set_("min_compute_capability", _check_cc(name, self.min_compute_capability, devices))
+        for attr in ("install_hint", "description"):
+            if not isinstance(getattr(self, attr), str):
+                raise InvalidBackendError(
+                    f"backend {name!r}: {attr}={getattr(self, attr)!r} must be a string"
+                )
+        if not isinstance(self.extra, Mapping):
+            raise InvalidBackendError(f"backend {name!r}: extra={self.extra!r} must be a mapping")
+        set_("extra", dict(self.extra))  # a private copy (a proxy would not pickle)
+
     @property
     def dispatcher_path(self) -> str:
+        """``"pkg.mod:Class"`` whether the dispatcher was given as a class or as a path."""
         if isinstance(self.dispatcher, str):
             return self.dispatcher
         return f"{self.dispatcher.__module__}:{self.dispatcher.__qualname__}"
 
     def supports_cuda_graph(self, mode: str = "default") -> bool:
-        return mode in self.cuda_graph_modes
+        """Whether ``mode``'s kernels can be captured in a CUDA graph."""
+        return normalize_name(mode) in self.cuda_graph_modes
+
+    def same_entry(self, other: "BackendSpec") -> bool:
+        """Equal up to how the dispatcher is referenced (class object vs its dotted path).
+
+        Re-importing a module (a worker, ``importlib.reload``) creates a new class object
+        with the same path; that is the same registration, not a conflict.
+        """
+        return self.to_dict() == other.to_dict()
+
+    def to_dict(self) -> dict:
+        """JSON-ready capability data (the dispatcher as its dotted path)."""
+        return {
+            "name": self.name,
+            "builtin": self.builtin,
+            "dispatcher": self.dispatcher_path,
+            "token_layout": self.token_layout,
+            "ep_policy": self.ep_policy,
+            "fused_experts": self.fused_experts,
+            "modes": list(self.modes),
+            "cuda_graph_modes": list(self.cuda_graph_modes),
+            "devices": list(self.devices),
+            "requires": [str(r) for r in self.requires],
+            "min_compute_capability": (
+                list(self.min_compute_capability) if self.min_compute_capability else None
+            ),
+            "install_hint": self.install_hint,
+            "description": self.description,
+        }
 
     def load_dispatcher_class(self) -> type:
-        """Import and return the dispatcher class (raises ImportError with the install hint)."""
+        """Import and return the dispatcher class.
+
+        Raises:
+            ImportError: the module or attribute cannot be loaded (the message carries the
+                original error and the install hint).
+            InvalidBackendError: the attribute is not a ``dispatchers.BaseDispatcher`` subclass.
+        """
         if not isinstance(self.dispatcher, str):
             return self.dispatcher
         module_name, _, attr = self.dispatcher.partition(":")
         try:
-            module = importlib.import_module(module_name)
-            return getattr(module, attr)
-        except (ImportError, AttributeError) as exc:
+            obj: Any = importlib.import_module(module_name)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except Exception as exc:  # any failure while importing is "cannot load"
             hint = f" ({self.install_hint})" if self.install_hint else ""
             raise ImportError(
-                f"backend {self.name!r}: cannot load dispatcher {self.dispatcher!r}: {exc}{hint}"
+                f"backend {self.name!r}: cannot load dispatcher {self.dispatcher!r}: "
+                f"{type(exc).__name__}: {exc}{hint}"
             ) from exc
+        if not _is_dispatcher_class(obj):
+            raise InvalidBackendError(
+                f"backend {self.name!r}: {self.dispatcher!r} is {obj!r}, not a subclass of "
+                f"dispatchers.BaseDispatcher; fix: point the backend at a BaseDispatcher subclass"
+            )
+        return obj
+
+
+def _is_dispatcher_class(obj: Any) -> bool:
+    from dispatchers.base import BaseDispatcher  # lazy: keeps `import backends` free of torch
+
+    return isinstance(obj, type) and issubclass(obj, BaseDispatcher)
+
+
+def _check_dispatcher(name: str, dispatcher: Any) -> Union[str, type]:
+    if isinstance(dispatcher, str):
+        if not _DOTTED_PATH_RE.match(dispatcher):
+            raise InvalidBackendError(
+                f"backend {name!r}: dispatcher {dispatcher!r} is not a dotted path of the form "
+                f"'package.module:ClassName'; fix: e.g. 'my_pkg.dispatch:MyDispatcher'"
+            )
+        return dispatcher
+    if isinstance(dispatcher, type):
+        if not _is_dispatcher_class(dispatcher):
+            raise InvalidBackendError(
+                f"backend {name!r}: dispatcher class {dispatcher.__module__}."
+                f"{dispatcher.__qualname__} does not subclass dispatchers.BaseDispatcher; "
+                f"fix: derive it from dispatchers.BaseDispatcher and implement dispatch/combine"
+            )
+        return dispatcher
+    raise InvalidBackendError(
+        f"backend {name!r}: dispatcher {dispatcher!r} must be a BaseDispatcher subclass or a "
+        f"dotted path 'package.module:ClassName'; fix: pass one of those"
+    )
+
+
+def _check_choice(name: str, attr: str, value: Any, choices: Tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in choices:
+        raise InvalidBackendError(
+            f"backend {name!r}: {attr}={value!r} is invalid; expected one of "
+            f"{', '.join(repr(c) for c in choices)}; fix: {attr}={choices[0]!r} or {choices[1]!r}"
+        )
+    return value.strip().lower()
+
+
+def _check_names(name: str, attr: str, values: Any) -> Tuple[str, ...]:
+    if isinstance(values, str):
+        raise InvalidBackendError(
+            f"backend {name!r}: {attr}={values!r} is a single string; it must be a tuple of "
+            f"strings; fix: {attr}=({values!r},)"
+        )
+    if not isinstance(values, Iterable):
+        raise InvalidBackendError(
+            f"backend {name!r}: {attr}={values!r} must be a tuple of strings; fix: e.g. "
+            f"{attr}=('default',)"
+        )
+    out = []
+    for value in values:
+        if not isinstance(value, str) or not _NAME_RE.match(normalize_name(value)):
+            raise InvalidBackendError(
+                f"backend {name!r}: {attr} entry {value!r} is invalid; entries are names matching "
+                f"[a-z][a-z0-9_]*; fix: e.g. {attr}=('default',)"
+            )
+        normalised = normalize_name(value)
+        if normalised in out:
+            raise InvalidBackendError(
+                f"backend {name!r}: {attr} lists {normalised!r} twice; fix: list each once"
+            )
+        out.append(normalised)
+    return tuple(out)
+
+
+def _check_requires(name: str, values: Any) -> Tuple[Requirement, ...]:
+    if isinstance(values, (str, Requirement)):
+        values = (values,)
+    if not isinstance(values, Iterable):
+        raise InvalidBackendError(
+            f"backend {name!r}: requires={values!r} must be a tuple of Requirement or "
+            f"'module>=version' strings"
+        )
+    out = []
+    for value in values:
+        if isinstance(value, str):
+            value = Requirement.parse(value)
+        if not isinstance(value, Requirement):
+            raise InvalidBackendError(
+                f"backend {name!r}: requires entry {value!r} must be a Requirement or a "
+                f"'module>=version' string; fix: e.g. requires=('deep_ep>=1.1',)"
+            )
+        out.append(value)
+    return tuple(out)
+
+
+def _check_cc(name: str, value: Any, devices: Tuple[str, ...]) -> Optional[Tuple[int, int]]:
+    if value is None:
+        return None
+    ok = (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    )
+    if not ok:
+        raise InvalidBackendError(
+            f"backend {name!r}: min_compute_capability={value!r} must be None or (major, minor) "
+            f"with non-negative ints; fix: e.g. min_compute_capability=(9, 0) for SM90"
+        )
+    if "cuda" not in devices:
+        raise InvalidBackendError(
+            f"backend {name!r}: min_compute_capability={tuple(value)} only applies to CUDA but "
+            f"devices={list(devices)} lacks 'cuda'; fix: add 'cuda' to devices or drop it"
+        )
+    return (value[0], value[1])

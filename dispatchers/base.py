@@ -190,3 +190,10 @@ class BaseDispatcher(abc.ABC):
 
     def options(self) -> Mapping[str, Any]:
         return self.setup.options
+
+
+class DispatcherError(ValueError):
+    """A user-fixable dispatcher problem (bad sizes, unsupported layout, mismatched inputs).
+
+    The message names the value(s) seen, the constraint, and how to fix it.
+    """

@@ -51,8 +51,10 @@ def _worker(rank: int, world_size: int, init_file: str, backend: str, timeout_s:
 
 
 class RankPool:
-    def __init__(self, world_size: int, backend: str = "gloo", collective_timeout_s: float = 60.0):
+    def __init__(self, world_size: int, backend: str = "gloo", collective_timeout_s: float = 60.0,
+                 failure_grace_s: float = 10.0):
         self.world_size = world_size
+        self.failure_grace_s = failure_grace_s
         self.backend = backend
         self.collective_timeout_s = collective_timeout_s
         self._procs: List[Any] = []
@@ -86,9 +88,13 @@ class RankPool:
         errors = {}
         pending = set(range(self.world_size))
         while pending:
+            # once a rank failed, the others are likely stuck in a collective: wait briefly
+            wait = min(timeout_s, self.failure_grace_s) if errors else timeout_s
             try:
-                tid, rank, ok, value = self._results.get(timeout=timeout_s)
+                tid, rank, ok, value = self._results.get(timeout=wait)
             except queue.Empty:
+                if errors:
+                    break
                 dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
                 self.close()
                 raise RankFailed(
@@ -105,7 +111,8 @@ class RankPool:
         if errors:
             self.close()  # surviving ranks may be out of step; start fresh next time
             text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
-            raise RankFailed(f"{fn.__name__} failed on ranks {sorted(errors)}:\n{text}")
+            stuck = f"; ranks {sorted(pending)} were still waiting" if pending else ""
+            raise RankFailed(f"{fn.__name__} failed on ranks {sorted(errors)}{stuck}:\n{text}")
         return values
 
     def close(self) -> None:

@@ -1,0 +1,80 @@
+"""Capability data of the four built-in backends (SPEC §2.3).
+
+Dispatchers are referenced by dotted path: their modules import torch (and, for deepep and
+megamoe, reach ``deep_ep``/``deep_gemm`` lazily), so the registry never imports them until a
+dispatcher is built or availability is checked.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+from backends.names import MoeA2ABackend
+from backends.spec import BackendSpec, Requirement
+
+NONE = BackendSpec(
+    name=MoeA2ABackend.NONE.value,
+    dispatcher="dispatchers.standard:StandardDispatcher",
+    token_layout="replicated",
+    ep_policy="user",
+    modes=("default",),
+    cuda_graph_modes=("default",),  # only collectives of fixed shape: capturable
+    devices=("cpu", "cuda"),
+    builtin=True,
+    description="tokens replicated in the TP group; local experts computed, partial sums all-reduced",
+)
+
+ALLTOALL = BackendSpec(
+    name=MoeA2ABackend.ALLTOALL.value,
+    dispatcher="dispatchers.alltoall:AllToAllDispatcher",
+    token_layout="scattered",
+    ep_policy="tp",
+    modes=("default",),
+    cuda_graph_modes=(),  # reads the exchanged split sizes on the host: not capturable
+    devices=("cpu", "cuda"),
+    builtin=True,
+    description="torch.distributed all_to_all_single with exact splits (gloo on CPU, nccl on CUDA)",
+)
+
+DEEPEP = BackendSpec(
+    name=MoeA2ABackend.DEEPEP.value,
+    dispatcher="dispatchers.deepep:DeepEPDispatcher",
+    token_layout="scattered",
+    ep_policy="tp",
+    modes=("normal", "low_latency", "auto"),
+    # normal mode syncs the receive counts to the host; low_latency uses fixed-size buffers,
+    # and auto runs decode batches (the captured ones) through low_latency.
+    cuda_graph_modes=("low_latency", "auto"),
+    devices=("cuda",),
+    requires=(Requirement(module="deep_ep", distribution="deep_ep"),),
+    min_compute_capability=(9, 0),
+    install_hint=(
+        "build DeepEP from source with NVSHMEM (https://github.com/deepseek-ai/DeepEP, "
+        "NVSHMEM_DIR=... python setup.py install), then pip install 'moe-a2a[deepep]'; "
+        "needs an SM90+ GPU"
+    ),
+    builtin=True,
+    description="DeepEP buffers: normal (prefill), low_latency (decode), auto (per batch)",
+)
+
+MEGAMOE = BackendSpec(
+    name=MoeA2ABackend.MEGAMOE.value,
+    dispatcher="dispatchers.megamoe:MegaMoEDispatcher",
+    token_layout="replicated",  # the layout of its fallback (standard) path
+    ep_policy="tp",
+    fused_experts=True,
+    modes=("default",),
+    cuda_graph_modes=("default",),  # captured batches fit the cap and take the fused kernel
+    devices=("cuda",),
+    requires=(Requirement(module="deep_gemm", distribution="deep_gemm"),),
+    min_compute_capability=(10, 0),
+    install_hint=(
+        "pip install 'moe-a2a[deepgemm]' or build DeepGEMM from source "
+        "(https://github.com/deepseek-ai/DeepGEMM; kernels are JIT-compiled, needs the CUDA "
+        "toolkit); the Mega-MoE kernel needs an SM100 GPU"
+    ),
+    builtin=True,
+    description="DeepGEMM Mega-MoE: fused dispatch + expert GEMMs + combine; large batches fall back to standard",
+)
+
+BUILTIN_SPECS: Tuple[BackendSpec, ...] = (NONE, ALLTOALL, DEEPEP, MEGAMOE)

@@ -1,0 +1,241 @@
+"""The torch-native all-to-all dispatcher (backend ``alltoall``): scattered layout.
+
+Each rank holds a disjoint slice of tokens. ``dispatch`` sends every token once to each EP
+rank that owns at least one of its experts; ``combine`` sends each received row's expert
+output back and sums the returns per token at the origin.
+
+Per step, over the EP group (which must be the whole world: ``ep_size == tp_size``,
+``moe_tp_size == 1``):
+
+* dispatch: one ``all_to_all_single`` of ``[W]`` int64 counts, **one** device-to-host read
+  (send and receive splits together), one exact-split ``all_to_all_single`` of the hidden
+  states and one of the metadata (receiver-local ids and weights packed as float32);
+* combine: one exact-split ``all_to_all_single`` back, then an fp32 ``index_add_`` in the
+  original token order.
+
+Send order is rank-major, token order within a destination rank, so the receiver's rows are
+ordered by source rank, then by the source's token order. All index building is vectorised
+(cumsum/scatter over the ``[T, W]`` destination mask); no Python loop runs per token.
+
+Buffers reused across steps (grow-only, per device): the ``[2W]`` int64 count buffer (the
+send counts and the received counts sit side by side, so one ``tolist()`` reads both), the
+``arange`` index grids, and the fp32 accumulator of ``combine`` when the output dtype is not
+fp32 (the returned tensor is always a fresh one). Tensors handed to the caller (received rows,
+metadata, outputs) are never reused, so overlapping micro-batches stay safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+
+from dispatchers.base import (
+    BaseDispatcher,
+    CombineInput,
+    DispatcherError,
+    DispatcherSetup,
+    DispatchFormat,
+    DispatchOutput,
+    TopK,
+    group_pairs_by_expert,
+)
+from dispatchers.collectives import all_to_all_counts, all_to_all_v, pack_topk, unpack_topk
+from dispatchers.standard import _handle_of, check_dispatch_inputs, check_packable
+
+__all__ = ["AllToAllDispatcher", "AllToAllHandle", "AllToAllLayoutError"]
+
+
+class AllToAllLayoutError(DispatcherError):
+    """The process-group layout does not fit the all-to-all dispatcher."""
+
+
+@dataclass(frozen=True)
+class AllToAllHandle:
+    """What ``AllToAllDispatcher.combine`` needs from ``dispatch``.
+
+    Attributes:
+        num_tokens: ``T``, tokens this rank dispatched (rows ``combine`` returns).
+        send_token_index: ``[S]`` int64, the origin token (``0 <= t < T``) of each sent row,
+            in send order (grouped by destination rank, token order within a rank).
+        send_splits: rows sent to each EP rank (``sum = S``); equals, per destination, the
+            number of this rank's tokens with at least one expert there.
+        recv_splits: rows received from each EP rank (``sum = R``).
+    """
+
+    num_tokens: int
+    send_token_index: torch.Tensor
+    send_splits: Tuple[int, ...]
+    recv_splits: Tuple[int, ...]
+
+    @property
+    def num_sent(self) -> int:
+        return sum(self.send_splits)
+
+    @property
+    def num_received(self) -> int:
+        return sum(self.recv_splits)
+
+
+class AllToAllDispatcher(BaseDispatcher):
+    """Exact-split ``all_to_all_single`` over the EP group (gloo or nccl).
+
+    ``setup.options`` keys: none.
+
+    Raises:
+        AllToAllLayoutError: ``moe_tp_size != 1`` or ``ep_size != world_size``.
+    """
+
+    format = DispatchFormat.ALLTOALL
+    token_layout = "scattered"
+
+    def __init__(self, setup: DispatcherSetup) -> None:
+        g = setup.groups
+        if g.moe_tp_size != 1 or g.ep_size != g.world_size:
+            raise AllToAllLayoutError(
+                f"the alltoall dispatcher needs ep_size == tp_size and moe_tp_size == 1, got "
+                f"tp_size={g.world_size}, ep_size={g.ep_size}, moe_tp_size={g.moe_tp_size}; "
+                f"fix: run with --ep-size {g.world_size} (the alltoall backend derives "
+                f"ep_size from tp_size when --ep-size is not given)"
+            )
+        super().__init__(setup)
+        check_packable(setup.num_experts)
+        self.groups = g
+        self.group = g.ep_group
+        self.ep_size = g.ep_size
+        self._counts: Dict[torch.device, torch.Tensor] = {}
+        self._aranges: Dict[torch.device, torch.Tensor] = {}
+        self._accumulators: Dict[torch.device, torch.Tensor] = {}
+
+    # -- reusable buffers ---------------------------------------------------------------
+
+    def _count_buffer(self, device: torch.device) -> torch.Tensor:
+        buf = self._counts.get(device)
+        if buf is None:
+            buf = torch.zeros(2 * self.ep_size, dtype=torch.int64, device=device)
+            self._counts[device] = buf
+        return buf
+
+    def _arange(self, n: int, device: torch.device) -> torch.Tensor:
+        buf = self._aranges.get(device)
+        if buf is None or buf.numel() < n:
+            buf = torch.arange(max(n, 2 * self.ep_size, 64), dtype=torch.int64, device=device)
+            self._aranges[device] = buf
+        return buf[:n]
+
+    def _accumulator(self, rows: int, hidden: int, device: torch.device) -> torch.Tensor:
+        buf = self._accumulators.get(device)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != hidden:
+            buf = torch.empty(max(rows, 1), hidden, dtype=torch.float32, device=device)
+            self._accumulators[device] = buf
+        return buf[:rows].zero_()
+
+    # -- dispatch / combine -------------------------------------------------------------
+
+    def dispatch(self, hidden_states: torch.Tensor, topk: TopK) -> DispatchOutput:
+        """Send each token once to every EP rank that owns one of its experts.
+
+        Args:
+            hidden_states: ``[T, H]`` this rank's own tokens (scattered layout), any dtype;
+                ``T`` may be 0.
+            topk: ``ids [T, K]`` int64 global physical expert ids in ``[0, E)``, ``-1`` = no
+                expert in this column (ignored); ``weights [T, K]`` float32.
+        Returns:
+            ``DispatchOutput`` (format ``ALLTOALL``) with ``R`` received rows ordered by source
+            rank, then by the source's token order: ``hidden_states [R, H]`` (input dtype),
+            ``topk_ids [R, K]`` int64 ids local to this rank (``-1`` = expert on another rank
+            or no expert), ``topk_weights [R, K]`` float32 (0 where the id is ``-1``),
+            ``tokens_per_expert [E_local]`` int64, ``pair_order [P]`` int64; the handle is an
+            ``AllToAllHandle``.
+        """
+        check_dispatch_inputs(hidden_states, topk, self.setup.hidden_size)
+        device = hidden_states.device
+        world = self.ep_size
+        e_local = self.placement.num_local_experts
+        num_tokens, top_k = (int(s) for s in topk.ids.shape)
+        ids = topk.ids.to(device=device, dtype=torch.int64)
+        weights = topk.weights.to(device=device, dtype=torch.float32)
+
+        # [T, W] destination mask: column W (dropped) collects the -1 ids
+        dest = torch.where(ids >= 0, torch.div(ids, e_local, rounding_mode="floor"),
+                           torch.full_like(ids, world))
+        hit = torch.zeros(num_tokens, world + 1, dtype=torch.bool, device=device)
+        hit.scatter_(1, dest, True)
+        hit = hit[:, :world]
+        hit_i = hit.to(torch.int64)
+
+        counts = self._count_buffer(device)
+        send_counts, recv_counts = counts[:world], counts[world:]
+        torch.sum(hit_i, dim=0, out=send_counts)
+        all_to_all_counts(send_counts, self.group, out=recv_counts)
+        host = counts.tolist()  # the step's one device-to-host read
+        send_splits, recv_splits = tuple(host[:world]), tuple(host[world:])
+        num_send = sum(send_splits)
+
+        # slot of each (token, rank) pair in the send buffer: rank offset + rank-local order;
+        # pairs that are not sent go to a dump slot at index num_send
+        within = torch.cumsum(hit_i, dim=0) - hit_i
+        rank_offset = torch.cumsum(send_counts, dim=0) - send_counts
+        slot = torch.where(hit, within + rank_offset, torch.full_like(within, num_send))
+        tokens = self._arange(num_tokens, device)
+        send_token = torch.empty(num_send + 1, dtype=torch.int64, device=device)
+        send_token.scatter_(0, slot.reshape(-1),
+                            tokens.unsqueeze(1).expand(num_tokens, world).reshape(-1))
+        send_token = send_token[:num_send]
+        send_rank = torch.repeat_interleave(self._arange(world, device), send_counts,
+                                            output_size=num_send)
+
+        # metadata as the receiver needs it: its local ids (-1 elsewhere), weights zeroed
+        row_ids = ids.index_select(0, send_token)
+        local = row_ids - (send_rank * e_local).unsqueeze(1)
+        mine = (row_ids >= 0) & (local >= 0) & (local < e_local)
+        local = torch.where(mine, local, torch.full_like(local, -1))
+        row_weights = torch.where(mine, weights.index_select(0, send_token),
+                                  torch.zeros((), dtype=torch.float32, device=device))
+        meta = pack_topk(local, row_weights)
+
+        send_hidden = hidden_states.index_select(0, send_token)
+        recv_hidden = all_to_all_v(send_hidden, recv_splits, send_splits, self.group)
+        recv_meta = all_to_all_v(meta, recv_splits, send_splits, self.group)
+        recv_ids, recv_weights = unpack_topk(recv_meta, top_k)
+        pair_order, tokens_per_expert = group_pairs_by_expert(recv_ids, e_local)
+        handle = AllToAllHandle(num_tokens=num_tokens, send_token_index=send_token,
+                                send_splits=send_splits, recv_splits=recv_splits)
+        return DispatchOutput(
+            format=self.format,
+            hidden_states=recv_hidden,
+            topk_ids=recv_ids,
+            topk_weights=recv_weights,
+            tokens_per_expert=tokens_per_expert,
+            pair_order=pair_order,
+            handle=handle,
+        )
+
+    def combine(self, combine_input: CombineInput) -> torch.Tensor:
+        """Return each row's output to its origin and sum per token in token order.
+
+        Args:
+            combine_input: ``expert_output [R, H]``, per received row the weighted sum of
+                this rank's experts for it; not modified.
+        Returns:
+            ``[T, H]`` in ``expert_output``'s dtype (accumulated in fp32, or fp64 for fp64
+            input); tokens routed
+            nowhere (all ids ``-1``) are zero.
+        """
+        handle = _handle_of(combine_input, AllToAllHandle, "AllToAllDispatcher")
+        out = combine_input.expert_output
+        if out.dim() != 2 or out.shape[0] != handle.num_received:
+            raise DispatcherError(
+                f"expert_output has shape {tuple(out.shape)}; expected "
+                f"[{handle.num_received}, H] (one row per received row)"
+            )
+        returned = all_to_all_v(out, handle.send_splits, handle.recv_splits, self.group)
+        hidden = int(out.shape[1])
+        acc_dtype = torch.promote_types(out.dtype, torch.float32)
+        if acc_dtype == out.dtype:  # the accumulator is the result: never a reused buffer
+            acc = torch.zeros(handle.num_tokens, hidden, dtype=acc_dtype, device=out.device)
+            return acc.index_add_(0, handle.send_token_index, returned)
+        acc = self._accumulator(handle.num_tokens, hidden, out.device)
+        acc.index_add_(0, handle.send_token_index, returned.to(torch.float32))
+        return acc.to(out.dtype)

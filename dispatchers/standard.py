@@ -1,0 +1,196 @@
+"""The standard (replicated-layout) dispatcher: backend ``none`` and the megamoe fallback.
+
+Every rank holds the same tokens: the DP rank's batch, or under DP attention the DP-global
+batch (all DP ranks' batches, gathered in dispatch, rows ordered by DP rank). Each rank
+computes only its local experts (global ids owned by other EP ranks become ``-1``, weight 0);
+with ``moe_tp_size > 1`` the ranks of one moe-TP group hold the same experts, each a slice of
+the intermediate dimension, so their outputs are partial sums too. ``combine`` therefore sums
+the partial outputs over *all* ranks of the world:
+
+* without DP attention: one ``all_reduce`` over ``world_group``;
+* under DP attention: a variable-size reduce-scatter over ``attn_dp_group`` (each DP rank
+  keeps its own rows, summed over the ranks sharing its ``attn_tp_rank``) followed by an
+  ``all_reduce`` over ``attn_tp_group``; the two groups tile the world, so together they sum
+  over every rank, and each rank ends with its DP rank's rows only.
+
+Communication per step: none on one rank; without DP attention one all-reduce; under DP
+attention one small size exchange and two all-gathers (hidden; ids+weights packed into one
+float32 tensor) in dispatch, one reduce-scatter and one all-reduce in combine. The sizes are
+kept in the handle, so combine reads nothing from the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from dispatchers.base import (
+    BaseDispatcher,
+    CombineInput,
+    DispatcherError,
+    DispatcherSetup,
+    DispatchFormat,
+    DispatchOutput,
+    TopK,
+    group_pairs_by_expert,
+)
+from dispatchers.collectives import (
+    MAX_PACKED_EXPERT_ID,
+    all_gather_known_sizes,
+    all_reduce,
+    exchange_sizes,
+    pack_topk,
+    reduce_scatter_known_sizes,
+    unpack_topk,
+)
+
+__all__ = ["StandardDispatcher", "StandardHandle", "check_dispatch_inputs"]
+
+
+@dataclass(frozen=True)
+class StandardHandle:
+    """What ``StandardDispatcher.combine`` needs from ``dispatch``.
+
+    Attributes:
+        num_tokens: ``T``, rows this rank passed to ``dispatch`` (and gets back).
+        num_rows: ``R``, rows handed to the experts (``T``, or the DP-global count).
+        dp_sizes: under DP attention, every DP rank's ``T`` in DP-rank order; ``None`` otherwise.
+    """
+
+    num_tokens: int
+    num_rows: int
+    dp_sizes: Optional[Tuple[int, ...]] = None
+
+
+def check_dispatch_inputs(hidden_states: torch.Tensor, topk: TopK, hidden_size: int) -> None:
+    """Shape checks shared by the dispatchers (host metadata only, no device read)."""
+    if hidden_states.dim() != 2:
+        raise DispatcherError(
+            f"hidden_states has shape {tuple(hidden_states.shape)}; expected [T, H] "
+            f"(flatten batch and sequence dims first)"
+        )
+    if hidden_states.shape[1] != hidden_size:
+        raise DispatcherError(
+            f"hidden_states has hidden size {hidden_states.shape[1]} but the dispatcher was "
+            f"built for hidden_size={hidden_size}; fix: build it with the model's hidden size"
+        )
+    ids, weights = topk.ids, topk.weights
+    if ids.dim() != 2 or tuple(weights.shape) != tuple(ids.shape):
+        raise DispatcherError(
+            f"topk.ids {tuple(ids.shape)} and topk.weights {tuple(weights.shape)} must both "
+            f"be [T, K]"
+        )
+    if ids.shape[0] != hidden_states.shape[0]:
+        raise DispatcherError(
+            f"topk covers {ids.shape[0]} tokens but hidden_states has {hidden_states.shape[0]} "
+            f"rows; fix: route exactly the tokens you dispatch"
+        )
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise DispatcherError(f"topk.ids has dtype {ids.dtype}; expected an integer dtype (int64)")
+
+
+def check_packable(num_experts: int) -> None:
+    if num_experts >= MAX_PACKED_EXPERT_ID:
+        raise DispatcherError(
+            f"num_experts={num_experts}: expert ids travel as float32 and must stay below "
+            f"2**24={MAX_PACKED_EXPERT_ID}; fix: use fewer experts per layer"
+        )
+
+
+class StandardDispatcher(BaseDispatcher):
+    """Replicated layout; local experts only; partial sums reduced over the world.
+
+    ``setup.options`` keys: none.
+    """
+
+    format = DispatchFormat.STANDARD
+    token_layout = "replicated"
+
+    def __init__(self, setup: DispatcherSetup) -> None:
+        super().__init__(setup)
+        check_packable(setup.num_experts)
+        self.groups = setup.groups
+
+    def dispatch(self, hidden_states: torch.Tensor, topk: TopK) -> DispatchOutput:
+        """Gather the DP batches (under DP attention) and mask the experts of other EP ranks.
+
+        Args:
+            hidden_states: ``[T, H]`` this DP rank's tokens, any float dtype; identical on the
+                attention-TP ranks of the DP rank. ``T`` may be 0.
+            topk: ``ids [T, K]`` int64 global physical expert ids (``-1`` = no expert in this
+                column), ``weights [T, K]`` float32.
+        Returns:
+            ``DispatchOutput`` (format ``STANDARD``) with ``R = T`` rows, or under DP attention
+            ``R = sum over DP ranks of T`` rows in DP-rank order: ``hidden_states [R, H]``
+            (input dtype), ``topk_ids [R, K]`` int64 local ids (``-1`` = expert on another
+            EP rank, or no expert), ``topk_weights [R, K]`` float32 (0 where the id is ``-1``),
+            ``tokens_per_expert [E_local]`` int64, ``pair_order [P]`` int64.
+        """
+        check_dispatch_inputs(hidden_states, topk, self.setup.hidden_size)
+        g = self.groups
+        num_tokens = int(hidden_states.shape[0])
+        top_k = int(topk.ids.shape[1])
+        ids = topk.ids.to(torch.int64)
+        weights = topk.weights.to(torch.float32)
+        dp_sizes = None
+        if g.dp_attention and g.attn_dp_group is not None:
+            dp_sizes = tuple(exchange_sizes(num_tokens, g.attn_dp_group, hidden_states.device))
+            hidden_states = all_gather_known_sizes(hidden_states, dp_sizes, g.attn_dp_group)
+            packed = all_gather_known_sizes(pack_topk(ids, weights), dp_sizes, g.attn_dp_group)
+            ids, weights = unpack_topk(packed, top_k)
+        local_ids = self.placement.to_local(ids)
+        local_weights = torch.where(local_ids >= 0, weights, torch.zeros_like(weights))
+        pair_order, tokens_per_expert = group_pairs_by_expert(
+            local_ids, self.placement.num_local_experts)
+        handle = StandardHandle(num_tokens=num_tokens, num_rows=int(hidden_states.shape[0]),
+                                dp_sizes=dp_sizes)
+        return DispatchOutput(
+            format=self.format,
+            hidden_states=hidden_states,
+            topk_ids=local_ids,
+            topk_weights=local_weights,
+            tokens_per_expert=tokens_per_expert,
+            pair_order=pair_order,
+            handle=handle,
+        )
+
+    def combine(self, combine_input: CombineInput) -> torch.Tensor:
+        """Sum the partial outputs over every rank; keep this DP rank's rows.
+
+        Args:
+            combine_input: ``expert_output [R, H]`` this rank's partial result per dispatched
+                row (local experts, this rank's slice of the intermediate dim, weights
+                applied); not modified.
+        Returns:
+            ``[T, H]`` in ``expert_output``'s dtype, the rows this rank dispatched.
+        """
+        handle = _handle_of(combine_input, StandardHandle, "StandardDispatcher")
+        out = combine_input.expert_output
+        if out.dim() != 2 or out.shape[0] != handle.num_rows:
+            raise DispatcherError(
+                f"expert_output has shape {tuple(out.shape)}; expected [{handle.num_rows}, H] "
+                f"(one row per dispatched row)"
+            )
+        g = self.groups
+        if handle.dp_sizes is not None:
+            mine = reduce_scatter_known_sizes(out, handle.dp_sizes, g.attn_dp_group)
+            if mine.data_ptr() == out.data_ptr():
+                mine = mine.clone()
+            return all_reduce(mine, g.attn_tp_group)
+        if g.world_group is None:
+            return out
+        return all_reduce(out.clone(memory_format=torch.contiguous_format), g.world_group)
+
+
+def _handle_of(combine_input: CombineInput, cls: type, name: str):
+    dispatched = combine_input.dispatch_output
+    handle = getattr(dispatched, "handle", None)
+    if not isinstance(handle, cls):
+        raise DispatcherError(
+            f"{name}.combine got a dispatch output of format "
+            f"{getattr(dispatched, 'format', None)!r} with handle {type(handle).__name__}; "
+            f"fix: pass the DispatchOutput that this dispatcher's dispatch() returned"
+        )
+    return handle

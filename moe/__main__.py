@@ -1,0 +1,3 @@
+from moe.cli import entry
+
+entry()

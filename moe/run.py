@@ -1,0 +1,251 @@
+"""The main job behind ``moe-a2a run``: real ranks, real token movement, checked outputs.
+
+Each rank builds a stack of ``EPMoE`` layers from the same seeded global weights, runs
+forward steps on uneven per-DP-rank batches (empty ranks included) and compares every
+layer's output with a single-process oracle computed on the same input: the plain-torch
+reference (``moe.reference``) or, with ``--hf-config``, transformers' own forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from moe.errors import MoeA2AError
+from moe.run_plan import ModelShape, RunPlan
+from moe.parallel import (ParallelSizes, default_backend, destroy_distributed, init_distributed,
+                          make_parallel_context)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def tolerance(dtype: torch.dtype, scale: float) -> float:
+    """Allowed max abs error for outputs of magnitude ``scale``."""
+    if dtype == torch.float32:
+        return 1e-4 * max(1.0, scale)
+    return 2.5e-2 * max(1.0, scale)
+
+
+def batch_sizes(plan: RunPlan, step: int, dp_size: int) -> List[int]:
+    """Tokens per DP rank in ``step``: uneven, with empty ranks, reproducible from the seed."""
+    gen = torch.Generator().manual_seed(plan.seed * 7919 + step)
+    sizes = torch.randint(0, plan.num_tokens + 1, (dp_size,), generator=gen).tolist()
+    phase = step % 4
+    if phase == 0:
+        sizes = [plan.num_tokens] * dp_size
+    elif phase == 1:
+        # some ranks empty; with one DP rank a single token leaves most attention-TP ranks empty
+        sizes = [0 if d % 2 == 0 else s for d, s in enumerate(sizes)] if dp_size > 1 else [1]
+    return sizes
+
+
+def step_input(plan: RunPlan, step: int, dp_rank: int, num_tokens: int, hidden: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(plan.seed * 1_000_003 + step * 101 + dp_rank)
+    return torch.randn(num_tokens, hidden, generator=gen)
+
+
+class _Oracle:
+    """Single-process reference for one layer."""
+
+    def __init__(self, layer_weights, router, hf_block):
+        self.weights, self.router, self.hf_block = layer_weights, router, hf_block
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hf_block is not None:
+            from moe.hf import hf_forward
+
+            return hf_forward(self.hf_block, x)
+        from moe.reference import reference_moe
+
+        return reference_moe(x, self.weights, self.router)[0]
+
+
+def _build_layers(plan: RunPlan, args, ctx, dtype):
+    """Build the EP layers and their oracles (same seeded weights on every rank)."""
+    from moe.layer import EPMoE
+    from moe.routing import RouterConfig, default_groups
+    from moe.weights import MoEWeights
+
+    shape = plan.shape
+    layers, oracles = [], []
+    for layer_id in range(shape.num_layers):
+        seed = plan.seed * 1000 + layer_id
+        if shape.hf_config is not None:
+            from moe.hf import build_hf_block, extract_moe, load_hf_config
+
+            block = build_hf_block(load_hf_config(shape.hf_config), seed=seed, dtype=torch.float32)
+            weights, router = extract_moe(block)
+            oracles.append(_Oracle(None, None, block))
+        else:
+            n_group, topk_group = shape.n_group, shape.topk_group
+            if n_group is None or topk_group is None:
+                auto = default_groups(shape.num_experts, shape.top_k)
+                n_group = auto[0] if n_group is None else n_group
+                topk_group = auto[1] if topk_group is None else topk_group
+            router = RouterConfig(num_experts=shape.num_experts, top_k=shape.top_k,
+                                  scoring="sigmoid", n_group=n_group, topk_group=topk_group,
+                                  renormalize=True,
+                                  routed_scaling_factor=shape.routed_scaling_factor,
+                                  has_correction_bias=True)
+            weights = MoEWeights.random(shape.num_experts, shape.hidden_size,
+                                        shape.intermediate_size, shape.shared_intermediate_size,
+                                        seed=seed, dtype=dtype, with_correction_bias=True)
+            oracles.append(_Oracle(weights, router, None))
+        layers.append(EPMoE.build(weights, router, args, ctx, layer_id=layer_id, dtype=dtype))
+    return layers, oracles
+
+
+def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int) -> Dict[str, Any]:
+    """One rank of the job. Returns the job's summary (the same on every rank)."""
+    from server_args import ServerArgs
+
+    args = ServerArgs.from_json(plan.args_json)
+    dtype = DTYPES[plan.dtype]
+    device = torch.device(plan.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world_size)))
+    init_distributed(rank, world_size, backend=default_backend(device), init_method=init_method)
+    try:
+        sizes = ParallelSizes.from_server_args(args)
+        ctx = make_parallel_context(sizes, rank, device)
+        layers, oracles = _build_layers(plan, args, ctx, dtype)
+        groups = ctx.groups
+        max_err, max_scale, worst_ratio = 0.0, 0.0, 0.0
+        tokens, ep_seconds = 0, 0.0
+        for step in range(plan.steps):
+            dp_sizes = batch_sizes(plan, step, groups.dp_size)
+            num_tokens = dp_sizes[groups.dp_rank]
+            hidden_size = layers[0].gate.shape[1]
+            h = step_input(plan, step, groups.dp_rank, num_tokens, hidden_size).to(device, dtype)
+            if world_size > 1:
+                dist.barrier()
+            _sync(device)
+            for layer, oracle in zip(layers, oracles):
+                start = time.perf_counter()
+                out = layer(h)
+                _sync(device)
+                ep_seconds += time.perf_counter() - start
+                ref = oracle(h.float().cpu()) if num_tokens else torch.zeros(0, hidden_size)
+                err = (out.float().cpu() - ref).abs().max().item() if num_tokens else 0.0
+                scale = ref.abs().max().item() if num_tokens else 0.0
+                max_err, max_scale = max(max_err, err), max(max_scale, scale)
+                worst_ratio = max(worst_ratio, err / tolerance(dtype, scale))
+                h = h + out
+            if groups.attn_tp_rank == 0:
+                tokens += num_tokens
+            if plan.progress and rank == 0:
+                print(f"[moe-a2a run] step {step + 1}/{plan.steps}: tokens per DP rank {dp_sizes}, "
+                      f"max abs err so far {max_err:.3g}", file=sys.stderr, flush=True)
+        stats = torch.tensor([max_err, max_scale, worst_ratio, ep_seconds, float(tokens)],
+                             dtype=torch.float64)
+        if world_size > 1:
+            maxed = stats[:4].clone()
+            summed = stats[4:].clone()
+            dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
+            dist.all_reduce(summed)
+            stats = torch.cat([maxed, summed])
+        max_err, max_scale, worst_ratio, ep_seconds, total_tokens = stats.tolist()
+        return {
+            "passed": worst_ratio <= 1.0,
+            "max_abs_err": max_err,
+            "tolerance": tolerance(dtype, max_scale),
+            "reference": "transformers" if plan.shape.hf_config else "single_process",
+            "backend": args.moe_a2a_backend,
+            "tp_size": args.tp_size,
+            "dp_size": args.dp_size,
+            "ep_size": args.ep_size,
+            "enable_dp_attention": args.enable_dp_attention,
+            "attn_tp_size": args.attn_tp_size,
+            "moe_tp_size": args.moe_tp_size,
+            "steps": plan.steps,
+            "num_layers": len(layers),
+            "tokens": int(total_tokens),
+            "tokens_per_s": total_tokens / ep_seconds if ep_seconds > 0 else 0.0,
+            "dtype": plan.dtype,
+            "device": plan.device,
+            "dist_backend": groups.backend,
+            "shape": dataclasses.asdict(plan.shape),
+            "num_tokens": plan.num_tokens,
+            "seed": plan.seed,
+        }
+    finally:
+        destroy_distributed()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _spawned_rank(rank: int, plan: RunPlan, init_method: str, world_size: int, results) -> None:
+    try:
+        results.put((rank, "ok", run_rank(rank, plan, init_method, world_size)))
+    except MoeA2AError as exc:
+        results.put((rank, "user_error", str(exc)))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RankError(RuntimeError):
+    """A rank crashed (not a user error): the message holds its traceback."""
+
+
+def spawn_job(plan: RunPlan, world_size: int, timeout_s: float = 3600.0) -> Dict[str, Any]:
+    """Run ``world_size`` local ranks and return rank 0's summary."""
+    import queue
+
+    import torch.multiprocessing as mp
+
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_spawned_rank, args=(r, plan, init_method, world_size, results))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    outcome: Dict[int, Tuple[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(outcome) < world_size:
+            try:
+                rank, kind, value = results.get(timeout=5.0)
+                outcome[rank] = (kind, value)
+                if kind != "ok":
+                    break  # the others may wait in a collective forever: stop them
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in outcome]
+                if dead or time.monotonic() > deadline:
+                    raise RankError(f"ranks {dead} exited without a result (killed or crashed)"
+                                    if dead else f"no result within {timeout_s:.0f} s")
+    finally:
+        for p in procs:
+            if p.is_alive() and any(k != "ok" for k, _ in outcome.values()):
+                p.kill()
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    for rank, (kind, value) in sorted(outcome.items()):
+        if kind == "user_error":
+            raise MoeA2AError(value)
+        if kind == "error":
+            raise RankError(f"rank {rank} failed:\n{value}")
+    return outcome[0][1]

@@ -1,0 +1,37 @@
+"""What ``moe-a2a run`` builds and runs, as plain frozen data (no torch import: the CLI
+reads the defaults from here without paying for torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The layer stack ``moe-a2a run`` builds (DeepSeek-style unless ``hf_config`` is set)."""
+
+    num_experts: int = 16
+    top_k: int = 4
+    hidden_size: int = 128
+    intermediate_size: int = 64
+    shared_intermediate_size: int = 64      # one shared expert; 0 = none
+    num_layers: int = 2
+    n_group: Optional[int] = None           # None = adapt to num_experts/top_k
+    topk_group: Optional[int] = None
+    routed_scaling_factor: float = 2.5
+    hf_config: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything a rank needs; sent to workers as picklable data."""
+
+    args_json: str                 # resolved ServerArgs (workers never re-read the environment)
+    shape: ModelShape
+    num_tokens: int = 32           # largest batch one DP rank gets in a step
+    steps: int = 4
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    progress: bool = True

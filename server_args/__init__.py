@@ -1,0 +1,41 @@
+"""Server arguments: flags, environment variables and one resolution pass to a frozen config.
+
+    from server_args import resolve
+    args = resolve(["--moe-a2a-backend", "deepep", "--tp-size", "8"])   # command line
+    args = resolve(moe_a2a_backend="deepep", tp_size=8)                 # keywords (RL frameworks)
+    args.ep_size, args.decisions, args.explain()
+    worker_args = ServerArgs.from_json(args.to_json())                  # workers: no env, no auto
+
+Precedence per field: command line / keywords > ``MOE_A2A_*`` > legacy SGLang variable >
+default. See ``docs/configuration.md``.
+"""
+
+from server_args.cli import add_arguments, explicit_values, resolve_namespace
+from server_args.errors import (
+    REMOVAL_RELEASE,
+    ConfigDeprecationWarning,
+    ConfigError,
+    ConfigWarning,
+)
+from server_args.fields import FIELDS, FieldSpec
+from server_args.launch import LaunchEnv, read_launch_env
+from server_args.model import Decision, ServerArgs
+from server_args.resolve import PRECEDENCE, resolve
+
+__all__ = [
+    "ConfigDeprecationWarning",
+    "ConfigError",
+    "ConfigWarning",
+    "Decision",
+    "FIELDS",
+    "FieldSpec",
+    "LaunchEnv",
+    "PRECEDENCE",
+    "REMOVAL_RELEASE",
+    "ServerArgs",
+    "add_arguments",
+    "explicit_values",
+    "read_launch_env",
+    "resolve",
+    "resolve_namespace",
+]

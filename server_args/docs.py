@@ -1,0 +1,236 @@
+"""Generated parts of ``docs/configuration.md`` (a test fails when the file is stale).
+
+Regenerate with ``python -m server_args.docs docs/configuration.md``. Each block sits between
+``<!-- BEGIN generated:NAME -->`` and ``<!-- END generated:NAME -->``.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import warnings
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from server_args.errors import REMOVAL_RELEASE
+from server_args.fields import FIELDS, LEGACY_FLAGS, LEGACY_VARS, FIELDS_BY_NAME, format_value
+from server_args.model import ServerArgs
+from server_args.resolve import resolve
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def flags_table() -> str:
+    rows = ["| flag | aliases | type | default | env variable | meaning |",
+            "|---|---|---|---|---|---|"]
+    for f in FIELDS:
+        neg = f" / `--no-{f.flag[2:]}`" if f.type is bool else ""
+        aliases = ", ".join(f"`{a}`" for a in f.aliases) or ""
+        rng = f" ({f.range_text})" if f.range_text else ""
+        meaning = f.help + (f". Auto: {f.auto}" if f.auto else "")
+        rows.append(f"| `{f.flag}`{neg} | {aliases} | {_cell(f.type_text)}{rng} | "
+                    f"`{f.default_text()}` | `{f.env}` | {_cell(meaning)} |")
+    for legacy in LEGACY_FLAGS:
+        rows.append(f"| `{legacy.flag}` | | bool | | | deprecated: {legacy.meaning}; removed in "
+                    f"{REMOVAL_RELEASE} |")
+    return "\n".join(rows)
+
+
+def legacy_table() -> str:
+    rows = ["| legacy name | type | replacement | meaning here | removed in |",
+            "|---|---|---|---|---|"]
+    for var in LEGACY_VARS:
+        env = FIELDS_BY_NAME[var.field].env
+        rows.append(f"| `{var.var}` | {var.type.__name__} | `{var.replacement}` (or `{env}`) | "
+                    f"{var.meaning} | {REMOVAL_RELEASE} |")
+    for flag in LEGACY_FLAGS:
+        rows.append(f"| `{flag.flag}` | flag | `{flag.replacement}` | {flag.meaning} | "
+                    f"{REMOVAL_RELEASE} |")
+    return "\n".join(rows)
+
+
+def _quiet_resolve(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> ServerArgs:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return resolve(list(argv), env=dict(env or {}))
+
+
+# (tp, dp, ep or None, backend, DP attention)
+LAYOUT_ROWS: Tuple[Tuple[int, int, Optional[int], str, bool], ...] = (
+    (8, 1, None, "none", False),
+    (8, 1, 8, "none", False),
+    (8, 8, None, "deepep", True),
+    (4, 2, None, "alltoall", True),
+    (4, 2, 2, "none", True),
+    (8, 2, None, "deepep", True),
+    (8, 1, None, "megamoe", False),
+)
+
+
+def layout_argv(tp: int, dp: int, ep: Optional[int], backend: str, dp_attn: bool) -> List[str]:
+    argv = ["--moe-a2a-backend", backend, "--tp-size", str(tp), "--dp-size", str(dp)]
+    if ep is not None:
+        argv += ["--ep-size", str(ep)]
+    if dp_attn:
+        argv.append("--enable-dp-attention")
+    return argv
+
+
+def layout_table() -> str:
+    rows = ["| tp | dp | ep given | backend | DP attention | attn_dp | attn_tp | moe_tp | ep | "
+            "gather (capture on) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for tp, dp, ep, backend, dp_attn in LAYOUT_ROWS:
+        a = _quiet_resolve(layout_argv(tp, dp, ep, backend, dp_attn)
+                           + ["--enable-return-routed-experts"])
+        rows.append(f"| {tp} | {dp} | {ep if ep is not None else '-'} | {backend} | "
+                    f"{'on' if dp_attn else 'off'} | {a.attn_dp_size} | {a.attn_tp_size} | "
+                    f"{a.moe_tp_size} | {a.ep_size} | {a.routed_experts_gather} |")
+    return "\n".join(rows)
+
+
+RANK_EXAMPLE = ["--tp-size", "4", "--dp-size", "2", "--ep-size", "2", "--enable-dp-attention"]
+
+
+def rank_table() -> str:
+    a = _quiet_resolve(RANK_EXAMPLE)
+    rows = [f"`{' '.join(RANK_EXAMPLE)}` (backend none):", "",
+            "| rank | attn_dp_rank | attn_tp_rank | moe_ep_rank | moe_tp_rank |",
+            "|---|---|---|---|---|"]
+    for r in range(a.tp_size):
+        rows.append(f"| {r} | {a.attn_dp_rank(r)} | {a.attn_tp_rank(r)} | {a.moe_ep_rank(r)} | "
+                    f"{a.moe_tp_rank(r)} |")
+    return "\n".join(rows)
+
+
+# (rule, what it does, argv, env, fields the rule changes): the example's decisions on those
+# fields are shown; the run's other decisions are named after them.
+RULE_EXAMPLES: Tuple[Tuple[str, str, Tuple[str, ...], Mapping[str, str], Tuple[str, ...]], ...] = (
+    ("1", "`--enable-deepep-waterfill` selects deepep (an explicit other backend is an error) "
+          "and enforces shared-experts fusion",
+     ("--enable-deepep-waterfill", "--tp-size", "2"), {},
+     ("moe_a2a_backend", "enforce_shared_experts_fusion")),
+    ("2", "the legacy megamoe variable selects megamoe unless a backend is given explicitly",
+     ("--tp-size", "4"), {"SGLANG_OPT_USE_DEEPGEMM_MEGA_MOE": "1"}, ("moe_a2a_backend",)),
+    ("3", "backends with ep_policy `tp` derive ep_size = tp_size (an explicit different "
+          "`--ep-size` is an error)",
+     ("--moe-a2a-backend", "megamoe", "--tp-size", "8"), {}, ("ep_size",)),
+    ("4", "a fused-experts backend (megamoe) shares weights with its fallback unless "
+          "`--[no-]mega-moe-fix-memory` or `SGLANG_OPT_FIX_MEGA_MOE_MEMORY` is set",
+     ("--moe-a2a-backend", "megamoe"), {}, ("mega_moe_fix_memory",)),
+    ("5", "a backend mode that cannot be captured (deepep normal) turns CUDA graphs off "
+          "(an explicit `--no-disable-cuda-graph` is an error)",
+     ("--moe-a2a-backend", "deepep", "--deepep-mode", "normal", "--tp-size", "2"), {},
+     ("disable_cuda_graph",)),
+    ("6", "dp_size 1 turns DP attention off", ("--enable-dp-attention",), {},
+     ("enable_dp_attention",)),
+    ("7", "EPLB on: recorder mode `stat` and dispatch algorithm `static` when unset; EPLB "
+          "needs ep_size > 1",
+     ("--enable-eplb", "--tp-size", "4", "--ep-size", "4"), {},
+     ("expert_distribution_recorder_mode", "ep_dispatch_algorithm")),
+    ("8", "`--routed-experts-gather auto` resolves to `none` when no gather is needed",
+     ("--tp-size", "4", "--enable-return-routed-experts"), {}, ("routed_experts_gather",)),
+    ("8", "... to `early` for a scattered layout with CUDA graphs on",
+     ("--moe-a2a-backend", "deepep", "--deepep-mode", "low_latency", "--tp-size", "4",
+      "--enable-return-routed-experts"), {}, ("routed_experts_gather",)),
+    ("8", "... and to `late` for a scattered layout with CUDA graphs off",
+     ("--moe-a2a-backend", "deepep", "--deepep-mode", "normal", "--tp-size", "4",
+      "--enable-return-routed-experts"), {}, ("routed_experts_gather",)),
+)
+
+
+def rules_section() -> str:
+    out: List[str] = []
+    for rule, text, argv, env, fields in RULE_EXAMPLES:
+        a = _quiet_resolve(argv, env)
+        prefix = " ".join(f"{k}={v}" for k, v in env.items())
+        cmd = " ".join(filter(None, [prefix, "moe-a2a config", " ".join(argv)]))
+        out.append(f"**Rule {rule}.** {text}. Example: `{cmd}`")
+        out.append("")
+        shown = [d for d in a.decisions if d.field in fields]
+        if not shown:  # the example no longer shows its rule: the doc would be wrong
+            raise AssertionError(f"rule {rule} example {argv} made no decision on {fields}")
+        for d in shown:
+            out.append(f"- `{d.field}`: `{format_value(d.from_)}` → `{format_value(d.to)}` — "
+                       f"{d.reason}")
+        others = [d.field for d in a.decisions if d.field not in fields]
+        if others:
+            out.append(f"- (other decisions of this run: {', '.join(f'`{o}`' for o in others)})")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+# Rejected inputs and their messages (rule 9 and the other checks only ever reject).
+ERROR_EXAMPLES: Tuple[Tuple[str, ...], ...] = (
+    ("--moe-a2a-backend", "deepep", "--tp-size", "8", "--ep-size", "4"),
+    ("--tp-size", "4", "--dp-size", "3", "--enable-dp-attention"),
+    ("--enable-eplb",),
+    ("--moe-a2a-backend", "deepep", "--deepep-mode", "low_latency", "--tp-size", "2",
+     "--cuda-graph-max-bs", "256"),
+    ("--moe-a2a-backend", "megamoe", "--tp-size", "4", "--enable-dp-attention", "--dp-size", "2",
+     "--max-running-requests", "4096"),
+    ("--disable-shared-experts-fusion", "--enforce-shared-experts-fusion"),
+    ("--moe-a2a-backend", "mooncake"),
+)
+
+
+def errors_section() -> str:
+    from server_args.errors import ConfigError
+
+    out: List[str] = []
+    for argv in ERROR_EXAMPLES:
+        try:
+            _quiet_resolve(argv)
+        except ConfigError as exc:
+            out.append(f"- `moe-a2a config {' '.join(argv)}` → exit 2:  \n  `{exc}`")
+        else:  # a doc example that no longer fails is a stale doc
+            raise AssertionError(f"error example {argv} resolved without error")
+    return "\n".join(out)
+
+
+BLOCKS: Dict[str, Callable[[], str]] = {
+    "errors": errors_section,
+    "flags": flags_table,
+    "legacy": legacy_table,
+    "rules": rules_section,
+    "layout": layout_table,
+    "ranks": rank_table,
+}
+
+_BLOCK_RE = re.compile(
+    r"(<!-- BEGIN generated:(?P<name>[a-z]+) -->\n)(?P<body>.*?)\n?(<!-- END generated:(?P=name) -->)",
+    re.S,
+)
+
+
+def update(text: str) -> str:
+    """``text`` with every generated block replaced by its current content."""
+    def replace(match: "re.Match[str]") -> str:
+        name = match.group("name")
+        if name not in BLOCKS:
+            raise KeyError(f"unknown generated block {name!r}; known: {', '.join(BLOCKS)}")
+        return match.group(1) + BLOCKS[name]() + "\n" + match.group(4)
+
+    return _BLOCK_RE.sub(replace, text)
+
+
+def block_names(text: str) -> List[str]:
+    return [m.group("name") for m in _BLOCK_RE.finditer(text)]
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m server_args.docs docs/configuration.md", file=sys.stderr)
+        return 2
+    with open(argv[0], encoding="utf-8") as fh:
+        text = fh.read()
+    new = update(text)
+    if new != text:
+        with open(argv[0], "w", encoding="utf-8") as fh:
+            fh.write(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
