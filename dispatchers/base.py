@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import torch
 
@@ -172,6 +172,9 @@ class BaseDispatcher(abc.ABC):
     """
 
     format: DispatchFormat
+    # The layout this class implements ("replicated" / "scattered"); None = any. EPMoE refuses
+    # to build when it contradicts the backend spec that named the class.
+    token_layout: ClassVar[Optional[str]] = None
 
     def __init__(self, setup: DispatcherSetup) -> None:
         self.setup = setup

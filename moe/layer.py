@@ -57,13 +57,13 @@ def build_dispatcher(spec: BackendSpec, setup: DispatcherSetup) -> BaseDispatche
         raise MoeA2AError(f"--moe-a2a-backend {spec.name} cannot run on {setup.device.type}: {reason}")
     cls = spec.load_dispatcher_class()
     dispatcher = cls(setup)
-    if not isinstance(dispatcher, BaseDispatcher):
+    if not isinstance(dispatcher, cls) or not isinstance(dispatcher, BaseDispatcher):
         raise MoeA2AError(
             f"backend {spec.name!r}: {spec.dispatcher_path} built a {type(dispatcher).__name__}, "
-            f"which is not a dispatchers.BaseDispatcher"
+            f"not the {cls.__name__} (a dispatchers.BaseDispatcher) the backend names"
         )
-    built_layout = getattr(dispatcher, "token_layout", None)
-    if built_layout != spec.token_layout:
+    built_layout = dispatcher.token_layout
+    if built_layout is not None and built_layout != spec.token_layout:
         raise MoeA2AError(
             f"backend {spec.name!r} declares token_layout={spec.token_layout!r} but its dispatcher "
             f"{type(dispatcher).__name__} handles {built_layout!r}: fix the registration"
