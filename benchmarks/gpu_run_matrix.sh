@@ -7,14 +7,14 @@ out=${1:-out}; mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
 big=(--hidden-size 7168 --num-experts 256 --top-k 8 --intermediate-size 256 --dtype bfloat16
-     --num-tokens 256 --steps 6)
+     --num-tokens 256 --steps 10)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1 > "$out/card.txt"
 for tp in 2 4; do
   [ "$tp" -le "$ngpu" ] || continue
   for backend in alltoall none; do
     ep=(); [ "$backend" = none ] && ep=(--ep-size "$tp")
     for shape in default big; do
-      extra=(); [ "$shape" = big ] && extra=("${big[@]}")
+      extra=(--steps 10); [ "$shape" = big ] && extra=("${big[@]}")
       name="tp${tp}_${backend}_${shape}"
       python3 -m moe run --device cuda --moe-a2a-backend "$backend" --tp-size "$tp" "${ep[@]}" \
         "${extra[@]}" --json --quiet > "$out/$name.json" 2> "$out/$name.err"

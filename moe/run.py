@@ -55,10 +55,12 @@ def step_input(plan: RunPlan, step: int, dp_rank: int, num_tokens: int, hidden: 
 
 
 class _Oracle:
-    """Single-process reference for one layer."""
+    """Single-process reference for one layer, in fp32 on the rank's own device."""
 
-    def __init__(self, layer_weights, router, hf_block):
-        self.weights, self.router, self.hf_block = layer_weights, router, hf_block
+    def __init__(self, weights, router, hf_block, device: torch.device):
+        self.router = router
+        self.weights = None if weights is None else weights.to(device, torch.float32)
+        self.hf_block = None if hf_block is None else hf_block.to(device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.hf_block is not None:
@@ -85,7 +87,7 @@ def _build_layers(plan: RunPlan, args, ctx, dtype):
 
             block = build_hf_block(load_hf_config(shape.hf_config), seed=seed, dtype=torch.float32)
             weights, router = extract_moe(block)
-            oracles.append(_Oracle(None, None, block))
+            oracles.append(_Oracle(None, None, block, ctx.device))
         else:
             n_group, topk_group = shape.n_group, shape.topk_group
             if n_group is None or topk_group is None:
@@ -100,7 +102,7 @@ def _build_layers(plan: RunPlan, args, ctx, dtype):
             weights = MoEWeights.random(shape.num_experts, shape.hidden_size,
                                         shape.intermediate_size, shape.shared_intermediate_size,
                                         seed=seed, dtype=dtype, with_correction_bias=True)
-            oracles.append(_Oracle(weights, router, None))
+            oracles.append(_Oracle(weights, router, None, ctx.device))
         layers.append(EPMoE.build(weights, router, args, ctx, layer_id=layer_id, dtype=dtype))
     return layers, oracles
 
@@ -115,8 +117,9 @@ def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int) -> Dic
     if device.type == "cuda":
         device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world_size)))
+    # ranks share the host's cores: idle OpenMP threads of one rank must not spin on the cores
+    # another rank launches kernels from
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world_size)))
     init_distributed(rank, world_size, backend=default_backend(device), init_method=init_method)
     try:
         sizes = ParallelSizes.from_server_args(args)
@@ -140,9 +143,12 @@ def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int) -> Dic
                 _sync(device)
                 if timed:
                     ep_seconds += time.perf_counter() - start
-                ref = oracle(h.float().cpu()) if num_tokens else torch.zeros(0, hidden_size)
-                err = (out.float().cpu() - ref).abs().max().item() if num_tokens else 0.0
-                scale = ref.abs().max().item() if num_tokens else 0.0
+                if num_tokens:
+                    ref = oracle(h.float())
+                    err = (out.float() - ref).abs().max().item()
+                    scale = ref.abs().max().item()
+                else:
+                    err = scale = 0.0
                 max_err, max_scale = max(max_err, err), max(max_scale, scale)
                 worst_ratio = max(worst_ratio, err / tolerance(dtype, scale))
                 h = h + out
