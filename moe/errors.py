@@ -5,5 +5,10 @@ class MoeA2AError(ValueError):
     """A user-fixable problem: the message names the value, the constraint and the fix."""
 
 
-class CheckFailed(RuntimeError):
-    """An output did not match its reference (``moe-a2a run`` exits 1)."""
+def user_error_types() -> tuple:
+    """Exceptions that mean "bad input" anywhere in the library (the CLI exits 2 on them)."""
+    from backends.errors import BackendError
+    from dispatchers.base import DispatcherError
+    from server_args import ConfigError
+
+    return (ConfigError, BackendError, DispatcherError, MoeA2AError)

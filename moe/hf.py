@@ -99,6 +99,21 @@ def load_hf_config(path_or_dict: Union[str, Path, Mapping[str, Any], Any]):
         raise MoeA2AError(f"{where}: transformers rejected the {model_type} config ({exc})") from exc
 
 
+#: Config attribute names of (routed experts, per-expert intermediate size) per model type.
+_MOE_SIZE_ATTRS = {
+    "deepseek_v3": ("n_routed_experts", "moe_intermediate_size"),
+    "qwen3_moe": ("num_experts", "moe_intermediate_size"),
+    "mixtral": ("num_local_experts", "intermediate_size"),
+}
+
+
+def moe_sizes(config) -> Tuple[int, int]:
+    """``(num_experts, intermediate_size)`` of the config's MoE block, without building it."""
+    config = load_hf_config(config)
+    experts_attr, inter_attr = _MOE_SIZE_ATTRS[config.model_type]
+    return int(getattr(config, experts_attr)), int(getattr(config, inter_attr))
+
+
 def _check_model_type(model_type: Optional[str], where: str) -> None:
     if model_type not in HF_MODEL_TYPES:
         raise MoeA2AError(

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from moe.errors import MoeA2AError
+from moe.errors import MoeA2AError, user_error_types
 from moe.run_plan import ModelShape, RunPlan
 from moe.parallel import (ParallelSizes, default_backend, destroy_distributed, init_distributed,
                           make_parallel_context)
@@ -75,7 +75,7 @@ class _Oracle:
 def _build_layers(plan: RunPlan, args, ctx, dtype):
     """Build the EP layers and their oracles (same seeded weights on every rank)."""
     from moe.layer import EPMoE
-    from moe.routing import RouterConfig, default_groups
+    from moe.routing import RouterConfig
     from moe.weights import MoEWeights
 
     shape = plan.shape
@@ -89,13 +89,9 @@ def _build_layers(plan: RunPlan, args, ctx, dtype):
             weights, router = extract_moe(block)
             oracles.append(_Oracle(None, None, block, ctx.device))
         else:
-            n_group, topk_group = shape.n_group, shape.topk_group
-            if n_group is None or topk_group is None:
-                auto = default_groups(shape.num_experts, shape.top_k)
-                n_group = auto[0] if n_group is None else n_group
-                topk_group = auto[1] if topk_group is None else topk_group
             router = RouterConfig(num_experts=shape.num_experts, top_k=shape.top_k,
-                                  scoring="sigmoid", n_group=n_group, topk_group=topk_group,
+                                  scoring="sigmoid", n_group=shape.n_group or 1,
+                                  topk_group=shape.topk_group or 1,
                                   renormalize=True,
                                   routed_scaling_factor=shape.routed_scaling_factor,
                                   has_correction_bias=True)
@@ -203,7 +199,7 @@ def _sync(device: torch.device) -> None:
 def _spawned_rank(rank: int, plan: RunPlan, init_method: str, world_size: int, results) -> None:
     try:
         results.put((rank, "ok", run_rank(rank, plan, init_method, world_size)))
-    except MoeA2AError as exc:
+    except user_error_types() as exc:
         results.put((rank, "user_error", str(exc)))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
+
+from moe.errors import user_error_types
 
 # name -> module; imported lazily so ``moe-a2a config`` never pays for the model code.
 SUBCOMMANDS = {
@@ -47,9 +49,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         return int(args.handler(args) or 0)
-    except ValueError as exc:  # ConfigError, MoeA2AError, UnknownBackendError ...
+    except user_error_types() as exc:
         print(f"moe-a2a: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `moe-a2a ... | head`: the reader left, which is fine
+        sys.stderr.close()
+        return EXIT_OK
     except KeyboardInterrupt:
         print("moe-a2a: interrupted", file=sys.stderr)
         return 130

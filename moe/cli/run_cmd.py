@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import warnings
@@ -71,16 +72,33 @@ def _check_positive(name: str, value: int, minimum: int = 1) -> None:
         raise MoeA2AError(f"{name} {value} is invalid: it must be >= {minimum}")
 
 
-def validate_shape(shape, args, num_tokens: int, steps: int) -> None:
-    """Reject a run that cannot be built, before any rank is started."""
-    from moe.routing import RouterConfig, default_groups
+def resolve_groups(shape):
+    """Fill in ``n_group``/``topk_group`` left to adapt to the expert count."""
+    from moe.routing import default_groups
+
+    if shape.n_group is not None and shape.topk_group is not None:
+        return shape
+    if shape.n_group is None:
+        n_group, topk_group = default_groups(shape.num_experts, shape.top_k)
+        if shape.topk_group is not None:
+            topk_group = shape.topk_group
+    else:
+        # keep half of the given groups, or as many as top-k needs
+        n_group = shape.n_group
+        per_group = max(1, shape.num_experts // max(1, n_group))
+        topk_group = min(n_group, max(n_group // 2, -(-shape.top_k // per_group), 1))
+    return dataclasses.replace(shape, n_group=n_group, topk_group=topk_group)
+
+
+def validate_shape(shape, args) -> None:
+    """Reject a layer stack that cannot be built on these ranks, before any rank starts."""
+    from moe.routing import RouterConfig
 
     for flag, value, minimum in (("--num-experts", shape.num_experts, 1), ("--top-k", shape.top_k, 1),
                                  ("--hidden-size", shape.hidden_size, 1),
                                  ("--intermediate-size", shape.intermediate_size, 1),
                                  ("--shared-intermediate-size", shape.shared_intermediate_size, 0),
-                                 ("--num-layers", shape.num_layers, 1),
-                                 ("--num-tokens", num_tokens, 0), ("--steps", steps, 1)):
+                                 ("--num-layers", shape.num_layers, 1)):
         _check_positive(flag, value, minimum)
     ep, moe_tp = args.ep_size, args.moe_tp_size
     why_ep = (f" ({args.moe_a2a_backend} derives ep_size from --tp-size)"
@@ -97,28 +115,23 @@ def validate_shape(shape, args, num_tokens: int, steps: int) -> None:
     if shape.top_k > shape.num_experts:
         raise MoeA2AError(f"--top-k {shape.top_k} exceeds --num-experts {shape.num_experts}: "
                           f"choose top-k <= num-experts")
-    n_group, topk_group = default_groups(shape.num_experts, shape.top_k)
     RouterConfig(num_experts=shape.num_experts, top_k=shape.top_k, scoring="sigmoid",
-                 n_group=shape.n_group or n_group, topk_group=shape.topk_group or topk_group,
-                 renormalize=True, routed_scaling_factor=shape.routed_scaling_factor,
-                 has_correction_bias=True)
+                 n_group=shape.n_group, topk_group=shape.topk_group, renormalize=True,
+                 routed_scaling_factor=shape.routed_scaling_factor, has_correction_bias=True)
 
 
 def _check_hf_shape(path: str, args) -> None:
-    from moe.hf import extract_moe, build_hf_block, load_hf_config
+    from moe.hf import moe_sizes
 
-    import torch
-
-    config = load_hf_config(path)
-    weights, router = extract_moe(build_hf_block(config, seed=0, dtype=torch.float32))
-    if router.num_experts % args.ep_size:
+    num_experts, inter = moe_sizes(path)
+    if num_experts % args.ep_size:
         raise MoeA2AError(
-            f"{path}: {router.num_experts} experts cannot be split over ep_size {args.ep_size}: "
-            f"change --tp-size/--ep-size to a divisor of {router.num_experts}")
-    inter = weights.w_gate.shape[1]
+            f"{path}: {num_experts} experts cannot be split over ep_size {args.ep_size}: "
+            f"change --tp-size/--ep-size to a divisor of {num_experts}")
     if inter % args.moe_tp_size:
         raise MoeA2AError(f"{path}: intermediate size {inter} cannot be split over moe_tp_size "
-                          f"{args.moe_tp_size}: raise --ep-size")
+                          f"{args.moe_tp_size} (tp_size {args.tp_size} / ep_size {args.ep_size}): "
+                          f"raise --ep-size")
 
 
 def _check_device(device: str, args) -> None:
@@ -153,7 +166,8 @@ def _describe(summary: Dict[str, Any]) -> str:
 
 
 def main(ns: argparse.Namespace) -> int:
-    from moe.run import ModelShape, RunPlan, run_rank, spawn_job
+    from moe.run import RankError, run_rank, spawn_job
+    from moe.run_plan import ModelShape, RunPlan
     from server_args import read_launch_env, resolve_namespace
 
     with warnings.catch_warnings():  # printed once below, from args.warnings
@@ -168,12 +182,13 @@ def main(ns: argparse.Namespace) -> int:
                                   else ns.shared_intermediate_size),
         num_layers=ns.num_layers, n_group=ns.n_group, topk_group=ns.topk_group,
         hf_config=ns.hf_config)
+    _check_positive("--num-tokens", ns.num_tokens, 0)
+    _check_positive("--steps", ns.steps, 1)
     if shape.hf_config:
         _check_hf_shape(shape.hf_config, args)
     else:
-        validate_shape(shape, args, ns.num_tokens, ns.steps)
-    _check_positive("--num-tokens", ns.num_tokens, 0)
-    _check_positive("--steps", ns.steps, 1)
+        shape = resolve_groups(shape)
+        validate_shape(shape, args)
     _check_device(ns.device, args)
     plan = RunPlan(args_json=args.to_json(), shape=shape, num_tokens=ns.num_tokens,
                    steps=ns.steps, seed=ns.seed, dtype=ns.dtype, device=ns.device,
@@ -184,7 +199,11 @@ def main(ns: argparse.Namespace) -> int:
             print(f"[moe-a2a run] backend {args.moe_a2a_backend}: starting {args.tp_size} local "
                   f"{ns.device} ranks, {ns.steps} steps x {shape.num_layers} layers, up to "
                   f"{ns.num_tokens} tokens per DP rank", file=sys.stderr, flush=True)
-        summary = spawn_job(plan, args.tp_size)
+        try:
+            summary = spawn_job(plan, args.tp_size)
+        except RankError as exc:
+            print(f"moe-a2a: error: {exc}", file=sys.stderr)
+            return EXIT_MISMATCH
     else:
         if launch.world_size != args.tp_size:
             raise MoeA2AError(f"torchrun started {launch.world_size} processes but --tp-size is "
