@@ -146,7 +146,7 @@ class AllToAllDispatcher(BaseDispatcher):
             rank, then by the source's token order: ``hidden_states [R, H]`` (input dtype),
             ``topk_ids [R, K]`` int64 ids local to this rank (``-1`` = expert on another rank
             or no expert), ``topk_weights [R, K]`` float32 (0 where the id is ``-1``),
-            ``tokens_per_expert [E_local]`` int64, ``pair_order [P]`` int64; the handle is an
+            ``tokens_per_expert [E_local]`` int64, ``pair_order [R*K]`` int64; the handle is an
             ``AllToAllHandle``.
         """
         check_dispatch_inputs(hidden_states, topk, self.setup.hidden_size)

@@ -114,9 +114,11 @@ class DispatchOutput:
         topk_ids: ``[R, K]`` int64 local expert ids, ``-1`` = computed on another rank.
         topk_weights: ``[R, K]`` float32 router weights (0 where ``topk_ids == -1``).
         tokens_per_expert: ``[E_local]`` int64, number of (row, k) pairs per local expert.
-        pair_order: ``[P]`` int64 indices into ``topk_ids.flatten()`` (``row * K + k``) of the
-            ``P = tokens_per_expert.sum()`` routed-here pairs, grouped by local expert
-            (stable within an expert). With ``tokens_per_expert`` it is the grouped-GEMM layout.
+        pair_order: ``[R * K]`` int64 indices into ``topk_ids.flatten()`` (``row * K + k``):
+            the first ``P = tokens_per_expert.sum()`` are the routed-here pairs grouped by local
+            expert (stable within an expert), the rest are the ``-1`` pairs. With
+            ``tokens_per_expert`` it is the grouped-GEMM layout; computing it needs no
+            device-to-host read (``P`` is known once a consumer reads the counts).
         handle: dispatcher-private state that ``combine`` needs; opaque to everyone else.
     """
 
@@ -134,19 +136,18 @@ class DispatchOutput:
 
 
 def group_pairs_by_expert(local_ids: torch.Tensor, num_local_experts: int):
-    """Group the routed-here (row, k) pairs by local expert.
+    """Group the (row, k) pairs by local expert, without a device-to-host sync.
 
     Args:
         local_ids: ``[R, K]`` int64 local expert ids, ``-1`` = not here.
     Returns:
-        ``(pair_order [P] int64, tokens_per_expert [E_local] int64)``, see ``DispatchOutput``.
+        ``(pair_order [R*K] int64, tokens_per_expert [E_local] int64)``, see ``DispatchOutput``.
     """
     flat = local_ids.reshape(-1)
-    valid = torch.nonzero(flat >= 0, as_tuple=True)[0]
-    experts = flat[valid]
-    order = torch.argsort(experts, stable=True)
-    tokens_per_expert = torch.bincount(experts, minlength=num_local_experts)
-    return valid[order], tokens_per_expert
+    key = torch.where(flat >= 0, flat, torch.full_like(flat, num_local_experts))  # "not here" last
+    order = torch.argsort(key, stable=True)
+    tokens_per_expert = torch.bincount(key, minlength=num_local_experts + 1)[:num_local_experts]
+    return order, tokens_per_expert
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ class StandardDispatcher(BaseDispatcher):
             ``R = sum over DP ranks of T`` rows in DP-rank order: ``hidden_states [R, H]``
             (input dtype), ``topk_ids [R, K]`` int64 local ids (``-1`` = expert on another
             EP rank, or no expert), ``topk_weights [R, K]`` float32 (0 where the id is ``-1``),
-            ``tokens_per_expert [E_local]`` int64, ``pair_order [P]`` int64.
+            ``tokens_per_expert [E_local]`` int64, ``pair_order [R*K]`` int64.
         """
         check_dispatch_inputs(hidden_states, topk, self.setup.hidden_size)
         g = self.groups

@@ -48,7 +48,7 @@ class ReferenceExperts:
     def forward(self, dispatch_output: DispatchOutput) -> torch.Tensor:
         """Args:
             dispatch_output: rows ``hidden_states [R, H]``, local ``topk_ids [R, K]`` (``-1`` =
-                elsewhere), ``topk_weights [R, K]`` float32, ``pair_order [P]``,
+                elsewhere), ``topk_weights [R, K]`` float32, ``pair_order [R*K]``,
                 ``tokens_per_expert [E_local]``.
         Returns:
             ``[R, H]`` in ``hidden_states``' dtype: ``sum_k topk_weights[r, k] * expert(x_r)``
@@ -82,11 +82,12 @@ class ReferenceExperts:
                 f"{w.num_local_experts} local experts (num_experts and ep_size must match the weights)"
             )
         result = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        if out.pair_order.numel() == 0:
-            return result.to(x.dtype)
         counts = out.tokens_per_expert.tolist()  # one device-to-host read per call
-        pair_rows = torch.div(out.pair_order, k, rounding_mode="floor")
-        pair_weights = out.topk_weights.reshape(-1).index_select(0, out.pair_order).float()
+        pairs = out.pair_order[:sum(counts)]  # the routed-here pairs, grouped by expert
+        if pairs.numel() == 0:
+            return result.to(x.dtype)
+        pair_rows = torch.div(pairs, k, rounding_mode="floor")
+        pair_weights = out.topk_weights.reshape(-1).index_select(0, pairs).float()
         xs = x.index_select(0, pair_rows).to(w.dtype)  # [P, H], grouped by expert
         start = 0
         for e, n in enumerate(counts):

@@ -100,7 +100,8 @@ def apply_experts(d: DispatchOutput, first_local_expert: int, share: float,
     if not torch.all(flat_w[flat_ids < 0] == 0):
         raise AssertionError("weights must be 0 where topk_ids == -1")
     if int(d.tokens_per_expert.sum()) != int((flat_ids >= 0).sum()) or \
-            d.pair_order.numel() != int((flat_ids >= 0).sum()):
+            d.pair_order.numel() != R * K or \
+            sorted(d.pair_order.tolist()) != list(range(R * K)):
         raise AssertionError("pair_order / tokens_per_expert do not cover the routed pairs")
     y = torch.zeros(R, x.shape[1], dtype=torch.float32, device=x.device)
     start = 0
