@@ -185,8 +185,11 @@ def capacity_checks(view: View, spec: BackendSpec) -> Iterator[Tuple[str, List[T
                f"always take it)")
 
 
-def capacity_error(view: View, spec: BackendSpec) -> Optional[str]:
+def capacity_error(view: View, spec: BackendSpec,
+                   batches_override: Optional[List[Tuple[int, str, str]]] = None) -> Optional[str]:
     for field, batches, why in capacity_checks(view, spec):
+        if batches_override is not None:
+            batches = batches_override
         cap = view.v[field]
         high = FIELDS_BY_NAME[field].max
         flag = FIELDS_BY_NAME[field].flag
@@ -325,3 +328,13 @@ def validate(values: Values, sources: Sources) -> BackendSpec:
         if message:
             raise ConfigError(message)
     return spec
+
+
+def batch_capacity_error(args, tokens_per_rank: int, shown: str, lower_flag: str) -> Optional[str]:
+    """The capacity rule of ``resolve`` applied to a batch a caller is about to run.
+
+    ``args`` is a resolved ``ServerArgs``; returns the error message (naming the flag that
+    raises the capacity) or None when every per-rank capacity of its backend holds the batch.
+    """
+    view = View(args.values(), dict(args.sources))
+    return capacity_error(view, args.backend_spec, [(tokens_per_rank, shown, lower_flag)])

@@ -85,3 +85,56 @@ def test_torchrun_two_processes():
                           "-m", "moe"])
     s = _summary(proc)
     assert s["passed"] is True and s["tp_size"] == 2 and s["dist_backend"] == "gloo"
+
+
+# ---- bad input: rejected before any rank starts (in-process, fast) ----------------------
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--moe-a2a-backend", "deepep", "--tp-size", "2", "--deepep-mode", "low_latency",
+      "--num-tokens", "300"], "raise --deepep-num-max-dispatch-tokens-per-rank to at least 150"),
+    (["--moe-a2a-backend", "megamoe", "--tp-size", "2", "--num-tokens", "2000"],
+     "raise --mega-moe-num-max-tokens-per-rank to at least 2000"),
+    (["--steps", "0"], "--steps 0 is invalid: it must be >= 1"),
+    (["--num-tokens", "-1"], "--num-tokens -1 is invalid: it must be >= 0"),
+    (["--top-k", "17"], "--top-k 17 exceeds --num-experts 16"),
+    (["--moe-a2a-backend", "none", "--tp-size", "4", "--intermediate-size", "30"],
+     "--intermediate-size 30 cannot be split over moe_tp_size 4"),
+    (["--tp-size", "2", "--num-experts", "16", "--top-k", "9", "--n-group", "8",
+      "--topk-group", "2"], "raise topk_group to >= 5"),
+    (["--hf-config", "/nonexistent/config.json"], "/nonexistent/config.json does not exist"),
+    (["--moe-a2a-backend", "deepep", "--tp-size", "2"], "--moe-a2a-backend deepep cannot run on cpu"),
+    (["--device", "cuda"], "--device cuda"),
+    (["--enable-return-routed-experts"], "routed-experts capture is not built by `moe-a2a run`"),
+    (["--tp-size", "4", "--ep-size", "4", "--moe-a2a-backend", "none", "--enable-eplb"],
+     "--enable-eplb: EPLB is not built"),
+])
+def test_bad_input_exits_2_without_starting_ranks(argv, needle, capsys, monkeypatch):
+    from moe import run as run_module
+    from moe.cli import main
+
+    def no_spawn(*a, **k):
+        raise AssertionError("ranks were started for bad input")
+
+    monkeypatch.setattr(run_module, "spawn_job", no_spawn)
+    for name in [k for k in os.environ if k.startswith(("MOE_A2A_", "SGLANG_"))]:
+        monkeypatch.delenv(name)
+    if argv[:2] == ["--device", "cuda"]:
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("CUDA present: --device cuda is valid here")
+    assert main(["run", *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_hf_config_experts_not_divisible(tmp_path, capsys):
+    from moe.cli import main
+    from moe.hf import example_hf_config
+
+    cfg = json.loads(example_hf_config("mixtral").read_text())
+    cfg["num_local_experts"] = 6
+    path = tmp_path / "mixtral6.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["run", "--hf-config", str(path), "--tp-size", "4"]) == 2
+    assert "6 experts cannot be split over ep_size 4" in capsys.readouterr().err

@@ -90,8 +90,9 @@ def resolve_groups(shape):
     return dataclasses.replace(shape, n_group=n_group, topk_group=topk_group)
 
 
-def validate_shape(shape, args) -> None:
-    """Reject a layer stack that cannot be built on these ranks, before any rank starts."""
+def checked_shape(shape, args):
+    """The shape with its routing groups filled in; rejects a layer stack that cannot be built
+    on these ranks, before any rank starts."""
     from moe.routing import RouterConfig
 
     for flag, value, minimum in (("--num-experts", shape.num_experts, 1), ("--top-k", shape.top_k, 1),
@@ -115,9 +116,11 @@ def validate_shape(shape, args) -> None:
     if shape.top_k > shape.num_experts:
         raise MoeA2AError(f"--top-k {shape.top_k} exceeds --num-experts {shape.num_experts}: "
                           f"choose top-k <= num-experts")
+    shape = resolve_groups(shape)
     RouterConfig(num_experts=shape.num_experts, top_k=shape.top_k, scoring="sigmoid",
                  n_group=shape.n_group, topk_group=shape.topk_group, renormalize=True,
                  routed_scaling_factor=shape.routed_scaling_factor, has_correction_bias=True)
+    return shape
 
 
 def _check_hf_shape(path: str, args) -> None:
@@ -132,6 +135,37 @@ def _check_hf_shape(path: str, args) -> None:
         raise MoeA2AError(f"{path}: intermediate size {inter} cannot be split over moe_tp_size "
                           f"{args.moe_tp_size} (tp_size {args.tp_size} / ep_size {args.ep_size}): "
                           f"raise --ep-size")
+
+
+# Settings that resolve (so `moe-a2a config` explains them) but whose machinery `run` does not
+# build yet: refusing beats silently running without them.
+NOT_YET_RUN = (
+    ("enable_return_routed_experts", "routed-experts capture"),
+    ("enable_eplb", "EPLB"),
+    ("ep_num_redundant_experts", "redundant experts (EPLB)"),
+    ("enable_deepep_waterfill", "DeepEP waterfill"),
+    ("enforce_shared_experts_fusion", "shared experts fused as top-k columns"),
+)
+
+
+def _check_supported(args) -> None:
+    for field, what in NOT_YET_RUN:
+        if getattr(args, field):
+            flag = "--" + field.replace("_", "-")
+            raise MoeA2AError(f"{flag}: {what} is not built by `moe-a2a run` in this release; "
+                              f"drop {flag} (`moe-a2a config` still resolves and explains it)")
+
+
+def _check_capacity(args, num_tokens: int) -> None:
+    """``--num-tokens`` must fit every per-rank capacity of the backend (no silent fallback)."""
+    from server_args.validate import batch_capacity_error
+
+    attn_tp = args.attn_tp_size if args.backend_spec.token_layout == "scattered" else 1
+    per_rank = -(-num_tokens // attn_tp)  # the fullest rank after the attention-TP split
+    shown = f"--num-tokens {num_tokens}" + (f" over {attn_tp} attention-TP ranks" if attn_tp > 1 else "")
+    message = batch_capacity_error(args, per_rank, shown, "--num-tokens")
+    if message:
+        raise MoeA2AError(message)
 
 
 def _check_device(device: str, args) -> None:
@@ -187,8 +221,9 @@ def main(ns: argparse.Namespace) -> int:
     if shape.hf_config:
         _check_hf_shape(shape.hf_config, args)
     else:
-        shape = resolve_groups(shape)
-        validate_shape(shape, args)
+        shape = checked_shape(shape, args)
+    _check_supported(args)
+    _check_capacity(args, ns.num_tokens)
     _check_device(ns.device, args)
     plan = RunPlan(args_json=args.to_json(), shape=shape, num_tokens=ns.num_tokens,
                    steps=ns.steps, seed=ns.seed, dtype=ns.dtype, device=ns.device,
