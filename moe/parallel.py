@@ -125,15 +125,20 @@ class ParallelContext:
 
 
 def init_distributed(rank: int, world_size: int, *, backend: str, init_method: str,
-                     timeout_s: float = 300.0) -> None:
-    """Join the default process group (no-op for one rank)."""
+                     timeout_s: float = 300.0, device: Optional[torch.device] = None) -> None:
+    """Join the default process group (no-op for one rank).
+
+    On CUDA, ``device`` binds the process group to this rank's GPU (NCCL otherwise guesses
+    the device from the global rank, which is wrong across nodes).
+    """
     if world_size == 1 or dist.is_initialized():
         return
     import datetime
 
+    kwargs = {"device_id": device} if device is not None and device.type == "cuda" else {}
     dist.init_process_group(backend=backend, init_method=init_method, rank=rank,
                             world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+                            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
 
 
 def default_backend(device: torch.device) -> str:

@@ -103,7 +103,8 @@ def _build_layers(plan: RunPlan, args, ctx, dtype):
     return layers, oracles
 
 
-def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int) -> Dict[str, Any]:
+def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
+             local_rank: Optional[int] = None) -> Dict[str, Any]:
     """One rank of the job. Returns the job's summary (the same on every rank)."""
     from server_args import ServerArgs
 
@@ -111,12 +112,14 @@ def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int) -> Dic
     dtype = DTYPES[plan.dtype]
     device = torch.device(plan.device)
     if device.type == "cuda":
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+        local = rank if local_rank is None else local_rank  # one GPU per process on its node
+        device = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(device)
     # ranks share the host's cores: idle OpenMP threads of one rank must not spin on the cores
     # another rank launches kernels from
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world_size)))
-    init_distributed(rank, world_size, backend=default_backend(device), init_method=init_method)
+    init_distributed(rank, world_size, backend=default_backend(device), init_method=init_method,
+                     device=device)
     try:
         sizes = ParallelSizes.from_server_args(args)
         ctx = make_parallel_context(sizes, rank, device)

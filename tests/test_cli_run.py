@@ -138,3 +138,16 @@ def test_hf_config_experts_not_divisible(tmp_path, capsys):
     path.write_text(json.dumps(cfg))
     assert main(["run", "--hf-config", str(path), "--tp-size", "4"]) == 2
     assert "6 experts cannot be split over ep_size 4" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["alltoall", "none"])
+def test_cuda_two_gpus(backend):
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    extra = ["--ep-size", "2"] if backend == "none" else []
+    s = _summary(_run("--device", "cuda", "--moe-a2a-backend", backend, "--tp-size", "2",
+                      *extra, "--json"))
+    assert s["passed"] is True and s["dist_backend"] == "nccl"

@@ -243,7 +243,7 @@ def main(ns: argparse.Namespace) -> int:
         if launch.world_size != args.tp_size:
             raise MoeA2AError(f"torchrun started {launch.world_size} processes but --tp-size is "
                               f"{args.tp_size}: use --nproc-per-node {args.tp_size} (x nodes)")
-        summary = run_rank(launch.rank, plan, "env://", launch.world_size)
+        summary = run_rank(launch.rank, plan, "env://", launch.world_size, launch.local_rank)
         if launch.rank != 0:
             return 0 if summary["passed"] else EXIT_MISMATCH  # rank 0 reports for the job
     summary["decisions"] = [d.to_dict() if hasattr(d, "to_dict") else d for d in
