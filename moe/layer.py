@@ -14,7 +14,7 @@ availability first (the real reason on failure) and the dispatcher's declared la
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Protocol, Sequence
+from typing import Any, Dict, Optional, Protocol, Sequence
 
 import torch
 

@@ -9,7 +9,6 @@ reference (``moe.reference``) or, with ``--hf-config``, transformers' own forwar
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import socket
 import sys
@@ -21,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from moe.errors import MoeA2AError, user_error_types
-from moe.run_plan import ModelShape, RunPlan
+from moe.run_plan import RunPlan
 from moe.parallel import (ParallelSizes, default_backend, destroy_distributed, init_distributed,
                           make_parallel_context)
 

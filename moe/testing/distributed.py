@@ -17,7 +17,7 @@ import os
 import queue
 import tempfile
 import traceback
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List
 
 import torch.multiprocessing as mp
 
