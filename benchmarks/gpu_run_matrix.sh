@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `moe-a2a run --device cuda` for both token-moving backends on every GPU of this machine:
 # the default shape and a DeepSeek-V3-like shape (hidden 7168, 256 experts, top-8, bf16).
-# Usage: benchmarks/gpu_run_matrix.sh OUT_DIR   (writes one JSON summary per run + a table)
+# Usage: [TPS="2 4"] benchmarks/gpu_run_matrix.sh OUT_DIR   (one JSON summary per run + a table)
 set -uo pipefail
 out=${1:-out}; mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -9,7 +9,7 @@ ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
 big=(--hidden-size 7168 --num-experts 256 --top-k 8 --intermediate-size 256 --dtype bfloat16
      --num-tokens 256 --steps 10)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1 > "$out/card.txt"
-for tp in 2 4; do
+for tp in ${TPS:-2 4}; do
   [ "$tp" -le "$ngpu" ] || continue
   for backend in alltoall none; do
     ep=(); [ "$backend" = none ] && ep=(--ep-size "$tp")
