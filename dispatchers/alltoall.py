@@ -39,10 +39,9 @@ from dispatchers.base import (
     DispatchFormat,
     DispatchOutput,
     TopK,
-    group_pairs_by_expert,
 )
 from dispatchers.collectives import all_to_all_counts, all_to_all_v, pack_topk, unpack_topk
-from dispatchers.standard import _handle_of, check_dispatch_inputs, check_packable
+from dispatchers.checks import check_dispatch_inputs, check_packable, combine_handle
 
 __all__ = ["AllToAllDispatcher", "AllToAllHandle", "AllToAllLayoutError"]
 
@@ -199,18 +198,9 @@ class AllToAllDispatcher(BaseDispatcher):
         recv_hidden = all_to_all_v(send_hidden, recv_splits, send_splits, self.group)
         recv_meta = all_to_all_v(meta, recv_splits, send_splits, self.group)
         recv_ids, recv_weights = unpack_topk(recv_meta, top_k)
-        pair_order, tokens_per_expert = group_pairs_by_expert(recv_ids, e_local)
         handle = AllToAllHandle(num_tokens=num_tokens, send_token_index=send_token,
                                 send_splits=send_splits, recv_splits=recv_splits)
-        return DispatchOutput(
-            format=self.format,
-            hidden_states=recv_hidden,
-            topk_ids=recv_ids,
-            topk_weights=recv_weights,
-            tokens_per_expert=tokens_per_expert,
-            pair_order=pair_order,
-            handle=handle,
-        )
+        return self._dispatch_output(recv_hidden, recv_ids, recv_weights, handle)
 
     def combine(self, combine_input: CombineInput) -> torch.Tensor:
         """Return each row's output to its origin and sum per token in token order.
@@ -223,13 +213,8 @@ class AllToAllDispatcher(BaseDispatcher):
             input); tokens routed
             nowhere (all ids ``-1``) are zero.
         """
-        handle = _handle_of(combine_input, AllToAllHandle, "AllToAllDispatcher")
+        handle = combine_handle(combine_input, AllToAllHandle, "AllToAllDispatcher")
         out = combine_input.expert_output
-        if out.dim() != 2 or out.shape[0] != handle.num_received:
-            raise DispatcherError(
-                f"expert_output has shape {tuple(out.shape)}; expected "
-                f"[{handle.num_received}, H] (one row per received row)"
-            )
         returned = all_to_all_v(out, handle.send_splits, handle.recv_splits, self.group)
         hidden = int(out.shape[1])
         acc_dtype = torch.promote_types(out.dtype, torch.float32)

@@ -181,6 +181,15 @@ class BaseDispatcher(abc.ABC):
         self.setup = setup
         self.placement = setup.placement
 
+    def _dispatch_output(self, hidden_states: torch.Tensor, local_ids: torch.Tensor,
+                         local_weights: torch.Tensor, handle: Any) -> DispatchOutput:
+        """Group the rows' pairs by local expert and wrap everything in a ``DispatchOutput``."""
+        pair_order, tokens_per_expert = group_pairs_by_expert(
+            local_ids, self.placement.num_local_experts)
+        return DispatchOutput(format=self.format, hidden_states=hidden_states, topk_ids=local_ids,
+                              topk_weights=local_weights, tokens_per_expert=tokens_per_expert,
+                              pair_order=pair_order, handle=handle)
+
     @abc.abstractmethod
     def dispatch(self, hidden_states: torch.Tensor, topk: TopK) -> DispatchOutput:
         """Args:

@@ -29,15 +29,13 @@ import torch
 from dispatchers.base import (
     BaseDispatcher,
     CombineInput,
-    DispatcherError,
     DispatcherSetup,
     DispatchFormat,
     DispatchOutput,
     TopK,
-    group_pairs_by_expert,
 )
+from dispatchers.checks import check_dispatch_inputs, check_packable, combine_handle
 from dispatchers.collectives import (
-    MAX_PACKED_EXPERT_ID,
     all_gather_known_sizes,
     all_reduce,
     exchange_sizes,
@@ -46,7 +44,7 @@ from dispatchers.collectives import (
     unpack_topk,
 )
 
-__all__ = ["StandardDispatcher", "StandardHandle", "check_dispatch_inputs"]
+__all__ = ["StandardDispatcher", "StandardHandle"]
 
 
 @dataclass(frozen=True)
@@ -55,48 +53,11 @@ class StandardHandle:
 
     Attributes:
         num_tokens: ``T``, rows this rank passed to ``dispatch`` (and gets back).
-        num_rows: ``R``, rows handed to the experts (``T``, or the DP-global count).
         dp_sizes: under DP attention, every DP rank's ``T`` in DP-rank order; ``None`` otherwise.
     """
 
     num_tokens: int
-    num_rows: int
     dp_sizes: Optional[Tuple[int, ...]] = None
-
-
-def check_dispatch_inputs(hidden_states: torch.Tensor, topk: TopK, hidden_size: int) -> None:
-    """Shape checks shared by the dispatchers (host metadata only, no device read)."""
-    if hidden_states.dim() != 2:
-        raise DispatcherError(
-            f"hidden_states has shape {tuple(hidden_states.shape)}; expected [T, H] "
-            f"(flatten batch and sequence dims first)"
-        )
-    if hidden_states.shape[1] != hidden_size:
-        raise DispatcherError(
-            f"hidden_states has hidden size {hidden_states.shape[1]} but the dispatcher was "
-            f"built for hidden_size={hidden_size}; fix: build it with the model's hidden size"
-        )
-    ids, weights = topk.ids, topk.weights
-    if ids.dim() != 2 or tuple(weights.shape) != tuple(ids.shape):
-        raise DispatcherError(
-            f"topk.ids {tuple(ids.shape)} and topk.weights {tuple(weights.shape)} must both "
-            f"be [T, K]"
-        )
-    if ids.shape[0] != hidden_states.shape[0]:
-        raise DispatcherError(
-            f"topk covers {ids.shape[0]} tokens but hidden_states has {hidden_states.shape[0]} "
-            f"rows; fix: route exactly the tokens you dispatch"
-        )
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise DispatcherError(f"topk.ids has dtype {ids.dtype}; expected an integer dtype (int64)")
-
-
-def check_packable(num_experts: int) -> None:
-    if num_experts >= MAX_PACKED_EXPERT_ID:
-        raise DispatcherError(
-            f"num_experts={num_experts}: expert ids travel as float32 and must stay below "
-            f"2**24={MAX_PACKED_EXPERT_ID}; fix: use fewer experts per layer"
-        )
 
 
 class StandardDispatcher(BaseDispatcher):
@@ -142,19 +103,8 @@ class StandardDispatcher(BaseDispatcher):
             ids, weights = unpack_topk(packed, top_k)
         local_ids = self.placement.to_local(ids)
         local_weights = torch.where(local_ids >= 0, weights, torch.zeros_like(weights))
-        pair_order, tokens_per_expert = group_pairs_by_expert(
-            local_ids, self.placement.num_local_experts)
-        handle = StandardHandle(num_tokens=num_tokens, num_rows=int(hidden_states.shape[0]),
-                                dp_sizes=dp_sizes)
-        return DispatchOutput(
-            format=self.format,
-            hidden_states=hidden_states,
-            topk_ids=local_ids,
-            topk_weights=local_weights,
-            tokens_per_expert=tokens_per_expert,
-            pair_order=pair_order,
-            handle=handle,
-        )
+        return self._dispatch_output(hidden_states, local_ids, local_weights,
+                                     StandardHandle(num_tokens=num_tokens, dp_sizes=dp_sizes))
 
     def combine(self, combine_input: CombineInput) -> torch.Tensor:
         """Sum the partial outputs over every rank; keep this DP rank's rows.
@@ -166,13 +116,8 @@ class StandardDispatcher(BaseDispatcher):
         Returns:
             ``[T, H]`` in ``expert_output``'s dtype, the rows this rank dispatched.
         """
-        handle = _handle_of(combine_input, StandardHandle, "StandardDispatcher")
+        handle = combine_handle(combine_input, StandardHandle, "StandardDispatcher")
         out = combine_input.expert_output
-        if out.dim() != 2 or out.shape[0] != handle.num_rows:
-            raise DispatcherError(
-                f"expert_output has shape {tuple(out.shape)}; expected [{handle.num_rows}, H] "
-                f"(one row per dispatched row)"
-            )
         g = self.groups
         if handle.dp_sizes is not None:
             mine = reduce_scatter_known_sizes(out, handle.dp_sizes, g.attn_dp_group)
@@ -182,15 +127,3 @@ class StandardDispatcher(BaseDispatcher):
         if g.world_group is None:
             return out
         return all_reduce(out.clone(memory_format=torch.contiguous_format), g.world_group)
-
-
-def _handle_of(combine_input: CombineInput, cls: type, name: str):
-    dispatched = combine_input.dispatch_output
-    handle = getattr(dispatched, "handle", None)
-    if not isinstance(handle, cls):
-        raise DispatcherError(
-            f"{name}.combine got a dispatch output of format "
-            f"{getattr(dispatched, 'format', None)!r} with handle {type(handle).__name__}; "
-            f"fix: pass the DispatchOutput that this dispatcher's dispatch() returned"
-        )
-    return handle

@@ -126,10 +126,10 @@ def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
         groups = ctx.groups
         max_err, max_scale, worst_ratio = 0.0, 0.0, 0.0
         tokens, timed_tokens, ep_seconds = 0, 0, 0.0
+        hidden_size = layers[0].gate.shape[1]
         for step in range(plan.steps):
             dp_sizes = batch_sizes(plan, step, groups.dp_size)
             num_tokens = dp_sizes[groups.dp_rank]
-            hidden_size = layers[0].gate.shape[1]
             h = step_input(plan, step, groups.dp_rank, num_tokens, hidden_size).to(device, dtype)
             if world_size > 1:
                 dist.barrier()

@@ -93,8 +93,28 @@ class SharedExpertWeights:
                                    self.w_down[:, sl].contiguous())
 
 
+class _ExpertStack:
+    """Sizes read off ``w_gate [E, I, H]``, shared by the global and the local expert stacks."""
+
+    w_gate: torch.Tensor
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.w_gate.shape[2])
+
+    @property
+    def intermediate_size(self) -> int:
+        """``I`` (``I_local``, this rank's slice, for local weights)."""
+        return int(self.w_gate.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The experts' dtype."""
+        return self.w_gate.dtype
+
+
 @dataclass(frozen=True)
-class LocalExpertWeights:
+class LocalExpertWeights(_ExpertStack):
     """The routed experts one rank computes: its ``E_local`` experts, its slice of ``I``.
 
     Attributes:
@@ -126,19 +146,6 @@ class LocalExpertWeights:
         return int(self.w_gate.shape[0])
 
     @property
-    def hidden_size(self) -> int:
-        return int(self.w_gate.shape[2])
-
-    @property
-    def intermediate_size(self) -> int:
-        """``I_local``, this rank's slice."""
-        return int(self.w_gate.shape[1])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.w_gate.dtype
-
-    @property
     def device(self) -> torch.device:
         return self.w_gate.device
 
@@ -158,7 +165,7 @@ def _check_expert_shapes(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch
 
 
 @dataclass(frozen=True)
-class MoEWeights:
+class MoEWeights(_ExpertStack):
     """Global weights of one MoE layer (every rank may hold the same copy).
 
     Attributes:
@@ -194,19 +201,6 @@ class MoEWeights:
     @property
     def num_experts(self) -> int:
         return int(self.w_gate.shape[0])
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.w_gate.shape[2])
-
-    @property
-    def intermediate_size(self) -> int:
-        return int(self.w_gate.shape[1])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The experts' dtype."""
-        return self.w_gate.dtype
 
     @classmethod
     def random(cls, num_experts: int, hidden: int, intermediate: int, shared_intermediate: int = 0, *,

@@ -17,7 +17,7 @@ from backends import (
     register_backend,
     registry_snapshot,
 )
-from dispatchers import BaseDispatcher
+from noop_dispatcher import NoopDispatcher
 
 
 @pytest.fixture(autouse=True)
@@ -26,12 +26,8 @@ def clean_registry():
         yield
 
 
-class _Ok(BaseDispatcher):
-    def dispatch(self, hidden_states, topk):  # pragma: no cover
-        raise NotImplementedError
-
-    def combine(self, combine_input):  # pragma: no cover
-        raise NotImplementedError
+class _Ok(NoopDispatcher):
+    pass
 
 
 @pytest.fixture
