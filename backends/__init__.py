@@ -6,13 +6,13 @@ never compares names. Importing this package imports neither torch, ``deep_ep`` 
 ``deep_gemm``; availability checks import them lazily.
 """
 
-from backends.availability import (
+from moe_a2a.backends.availability import (
     BackendAvailability,
     available_backends,
     check_availability,
     ensure_available,
 )
-from backends.errors import (
+from moe_a2a.backends.errors import (
     BackendConflictError,
     BackendEntryPointError,
     BackendError,
@@ -21,8 +21,8 @@ from backends.errors import (
     ReservedBackendNameError,
     UnknownBackendError,
 )
-from backends.names import BUILTIN_NAMES, SGLANG_ONLY_BACKENDS, MoeA2ABackend
-from backends.registry import (
+from moe_a2a.backends.names import BUILTIN_NAMES, SGLANG_ONLY_BACKENDS, MoeA2ABackend
+from moe_a2a.backends.registry import (
     ENTRY_POINT_GROUP,
     REGISTRY,
     BackendRegistry,
@@ -34,7 +34,7 @@ from backends.registry import (
     register_backend,
     registry_snapshot,
 )
-from backends.spec import (
+from moe_a2a.backends.spec import (
     DEVICES,
     EP_POLICIES,
     TOKEN_LAYOUTS,

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Tuple, Union
 
-from backends.errors import BackendError, BackendUnavailableError
-from backends.names import MoeA2ABackend
-from backends.registry import REGISTRY
-from backends.spec import DEVICES, BackendSpec
+from moe_a2a.backends.errors import BackendError, BackendUnavailableError
+from moe_a2a.backends.names import MoeA2ABackend
+from moe_a2a.backends.registry import REGISTRY
+from moe_a2a.backends.spec import DEVICES, BackendSpec
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Tuple
 
-from backends.names import MoeA2ABackend
-from backends.spec import BackendSpec, Requirement
+from moe_a2a.backends.names import MoeA2ABackend
+from moe_a2a.backends.spec import BackendSpec, Requirement
 
 NONE = BackendSpec(
     name=MoeA2ABackend.NONE.value,
-    dispatcher="dispatchers.standard:StandardDispatcher",
+    dispatcher="moe_a2a.dispatchers.standard:StandardDispatcher",
     token_layout="replicated",
     ep_policy="user",
     modes=("default",),
@@ -26,7 +26,7 @@ NONE = BackendSpec(
 
 ALLTOALL = BackendSpec(
     name=MoeA2ABackend.ALLTOALL.value,
-    dispatcher="dispatchers.alltoall:AllToAllDispatcher",
+    dispatcher="moe_a2a.dispatchers.alltoall:AllToAllDispatcher",
     token_layout="scattered",
     ep_policy="tp",
     modes=("default",),
@@ -38,7 +38,7 @@ ALLTOALL = BackendSpec(
 
 DEEPEP = BackendSpec(
     name=MoeA2ABackend.DEEPEP.value,
-    dispatcher="dispatchers.deepep:DeepEPDispatcher",
+    dispatcher="moe_a2a.dispatchers.deepep:DeepEPDispatcher",
     token_layout="scattered",
     ep_policy="tp",
     modes=("normal", "low_latency", "auto"),
@@ -59,7 +59,7 @@ DEEPEP = BackendSpec(
 
 MEGAMOE = BackendSpec(
     name=MoeA2ABackend.MEGAMOE.value,
-    dispatcher="dispatchers.megamoe:MegaMoEDispatcher",
+    dispatcher="moe_a2a.dispatchers.megamoe:MegaMoEDispatcher",
     token_layout="replicated",  # the layout of its fallback (standard) path
     ep_policy="tp",
     fused_experts=True,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING, Any, Mapping
 
-from backends.errors import UnknownBackendError
-from backends.spec import normalize_name
+from moe_a2a.backends.errors import UnknownBackendError
+from moe_a2a.backends.spec import normalize_name
 
 if TYPE_CHECKING:
-    from backends.spec import BackendSpec
+    from moe_a2a.backends.spec import BackendSpec
 
 
 class MoeA2ABackend(str, enum.Enum):
@@ -45,7 +45,7 @@ class MoeA2ABackend(str, enum.Enum):
     @property
     def spec(self) -> "BackendSpec":
         """The registered spec of this built-in."""
-        from backends.registry import get_backend  # lazy: the registry imports this module
+        from moe_a2a.backends.registry import get_backend  # lazy: the registry imports this module
 
         return get_backend(self)
 

@@ -39,16 +39,16 @@ from typing import (
     overload,
 )
 
-from backends.builtins import BUILTIN_SPECS
-from backends.errors import (
+from moe_a2a.backends.builtins import BUILTIN_SPECS
+from moe_a2a.backends.errors import (
     BackendConflictError,
     BackendEntryPointError,
     InvalidBackendError,
     ReservedBackendNameError,
     UnknownBackendError,
 )
-from backends.names import BUILTIN_NAMES, SGLANG_ONLY_BACKENDS, MoeA2ABackend
-from backends.spec import BackendSpec, RequirementLike, normalize_name, validate_name
+from moe_a2a.backends.names import BUILTIN_NAMES, SGLANG_ONLY_BACKENDS, MoeA2ABackend
+from moe_a2a.backends.spec import BackendSpec, RequirementLike, normalize_name, validate_name
 
 ENTRY_POINT_GROUP = "moe_a2a.backends"
 DOCS_HINT = "docs/custom-backend.md"

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping, Optional, Tuple, Union
 
-from backends.errors import InvalidBackendError
+from moe_a2a.backends.errors import InvalidBackendError
 
 TokenLayout = Literal["replicated", "scattered"]
 EpPolicy = Literal["user", "tp"]
@@ -289,7 +289,7 @@ class BackendSpec:
 
 
 def _is_dispatcher_class(obj: Any) -> bool:
-    from dispatchers.base import BaseDispatcher  # lazy: keeps `import backends` free of torch
+    from moe_a2a.dispatchers.base import BaseDispatcher  # lazy: keeps `import backends` free of torch
 
     return isinstance(obj, type) and issubclass(obj, BaseDispatcher)
 

@@ -16,7 +16,7 @@ for tp in ${TPS:-2 4}; do
     for shape in default big; do
       extra=(--steps 10); [ "$shape" = big ] && extra=("${big[@]}")
       name="tp${tp}_${backend}_${shape}"
-      python3 -m moe run --device cuda --moe-a2a-backend "$backend" --tp-size "$tp" "${ep[@]}" \
+      python3 -m moe_a2a run --device cuda --moe-a2a-backend "$backend" --tp-size "$tp" "${ep[@]}" \
         "${extra[@]}" --json --quiet > "$out/$name.json" 2> "$out/$name.err"
       echo "$name rc=$?"
     done

@@ -16,13 +16,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from dispatchers import CombineInput
-from moe.layer import EPMoE
-from moe.parallel import ParallelSizes, init_distributed, make_parallel_context, default_backend
-from moe.routing import RouterConfig, default_groups
-from moe.run import free_port
-from moe.weights import MoEWeights
-from server_args import resolve
+from moe_a2a.dispatchers import CombineInput
+from moe_a2a.layer import EPMoE
+from moe_a2a.parallel import ParallelSizes, init_distributed, make_parallel_context, default_backend
+from moe_a2a.routing import RouterConfig, default_groups
+from moe_a2a.run import free_port
+from moe_a2a.weights import MoEWeights
+from moe_a2a.server_args import resolve
 
 
 def _sync(device):
@@ -59,7 +59,7 @@ def worker(rank, opts, init_method):
     phases = {"router": [], "dispatch": [], "experts": [], "combine": [], "layer": []}
 
     def run_once(x, record):
-        from moe.routing import route
+        from moe_a2a.routing import route
 
         topk, t_r = _timed(lambda: route(x.float() @ layer.gate.t(), router, layer.correction_bias), device)
         d, t_d = _timed(lambda: layer.dispatcher.dispatch(x, topk), device)

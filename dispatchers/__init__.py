@@ -4,7 +4,7 @@ Optional kernels (``deep_ep``, ``deep_gemm``) are imported lazily inside the dis
 that need them, never at package import.
 """
 
-from dispatchers.base import (
+from moe_a2a.dispatchers.base import (
     BaseDispatcher,
     CombineInput,
     DispatcherSetup,
@@ -13,7 +13,7 @@ from dispatchers.base import (
     ExpertPlacement,
     TopK,
 )
-from dispatchers.groups import CommGroups
+from moe_a2a.dispatchers.groups import CommGroups
 
 __all__ = [
     "BaseDispatcher",

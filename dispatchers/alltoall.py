@@ -31,7 +31,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from dispatchers.base import (
+from moe_a2a.dispatchers.base import (
     BaseDispatcher,
     CombineInput,
     DispatcherError,
@@ -40,8 +40,8 @@ from dispatchers.base import (
     DispatchOutput,
     TopK,
 )
-from dispatchers.collectives import all_to_all_counts, all_to_all_v, pack_topk, unpack_topk
-from dispatchers.checks import check_dispatch_inputs, check_packable, combine_handle
+from moe_a2a.dispatchers.collectives import all_to_all_counts, all_to_all_v, pack_topk, unpack_topk
+from moe_a2a.dispatchers.checks import check_dispatch_inputs, check_packable, combine_handle
 
 __all__ = ["AllToAllDispatcher", "AllToAllHandle", "AllToAllLayoutError"]
 

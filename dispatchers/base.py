@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Mapping, Optional
 
 import torch
 
-from dispatchers.groups import CommGroups
+from moe_a2a.dispatchers.groups import CommGroups
 
 
 class DispatchFormat(str, enum.Enum):

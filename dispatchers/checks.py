@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dispatchers.base import CombineInput, DispatcherError, TopK
-from dispatchers.collectives import MAX_PACKED_EXPERT_ID
+from moe_a2a.dispatchers.base import CombineInput, DispatcherError, TopK
+from moe_a2a.dispatchers.collectives import MAX_PACKED_EXPERT_ID
 
 
 def check_dispatch_inputs(hidden_states: torch.Tensor, topk: TopK, hidden_size: int) -> None:

@@ -2,7 +2,7 @@
 
 Conventions:
 
-* A group of size 1 is ``None`` (see ``dispatchers.groups``): every helper then returns
+* A group of size 1 is ``None`` (see ``moe_a2a.dispatchers.groups``): every helper then returns
   without issuing any collective. ``None`` is never passed to ``torch.distributed`` (which
   would read it as the *default* group).
 * Rows are dim 0. Every helper works with zero rows on some or all ranks: the ranks still
@@ -44,7 +44,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from dispatchers.base import DispatcherError
+from moe_a2a.dispatchers.base import DispatcherError
 
 ProcessGroup = Any
 

@@ -1,6 +1,6 @@
 """The process groups a dispatcher talks over, as one frozen value.
 
-``moe.parallel`` creates the groups from the resolved server arguments; dispatchers only
+``moe_a2a.parallel`` creates the groups from the resolved server arguments; dispatchers only
 read them. Rank layout over the world (``tp_size`` ranks), following SGLang:
 
 * attention:   ``dp_rank = rank // attn_tp_size``, ``attn_tp_rank = rank % attn_tp_size``

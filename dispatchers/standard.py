@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from dispatchers.base import (
+from moe_a2a.dispatchers.base import (
     BaseDispatcher,
     CombineInput,
     DispatcherSetup,
@@ -34,8 +34,8 @@ from dispatchers.base import (
     DispatchOutput,
     TopK,
 )
-from dispatchers.checks import check_dispatch_inputs, check_packable, combine_handle
-from dispatchers.collectives import (
+from moe_a2a.dispatchers.checks import check_dispatch_inputs, check_packable, combine_handle
+from moe_a2a.dispatchers.collectives import (
     all_gather_known_sizes,
     all_reduce,
     exchange_sizes,

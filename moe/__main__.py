@@ -1,3 +1,3 @@
-from moe.cli import entry
+from moe_a2a.cli import entry
 
 entry()

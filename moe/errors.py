@@ -7,8 +7,8 @@ class MoeA2AError(ValueError):
 
 def user_error_types() -> tuple:
     """Exceptions that mean "bad input" anywhere in the library (the CLI exits 2 on them)."""
-    from backends.errors import BackendError
-    from dispatchers.base import DispatcherError
-    from server_args import ConfigError
+    from moe_a2a.backends.errors import BackendError
+    from moe_a2a.dispatchers.base import DispatcherError
+    from moe_a2a.server_args import ConfigError
 
     return (ConfigError, BackendError, DispatcherError, MoeA2AError)

@@ -14,9 +14,9 @@ from typing import Callable, Dict
 import torch
 import torch.nn.functional as F
 
-from dispatchers.base import DispatchFormat, DispatchOutput
-from moe.errors import MoeA2AError
-from moe.weights import LocalExpertWeights, SharedExpertWeights
+from moe_a2a.dispatchers.base import DispatchFormat, DispatchOutput
+from moe_a2a.errors import MoeA2AError
+from moe_a2a.weights import LocalExpertWeights, SharedExpertWeights
 
 
 class UnsupportedDispatchFormat(MoeA2AError):

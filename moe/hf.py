@@ -24,9 +24,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
-from moe.errors import MoeA2AError
-from moe.routing import RouterConfig
-from moe.weights import MoEWeights, SharedExpertWeights
+from moe_a2a.errors import MoeA2AError
+from moe_a2a.routing import RouterConfig
+from moe_a2a.weights import MoEWeights, SharedExpertWeights
 
 HF_MODEL_TYPES = ("deepseek_v3", "qwen3_moe", "mixtral")
 

@@ -18,14 +18,14 @@ from typing import Any, Dict, Optional, Protocol, Sequence
 
 import torch
 
-from backends import BackendSpec, check_availability
-from dispatchers import BaseDispatcher, CombineInput, DispatcherSetup, TopK
-from dispatchers.collectives import all_gather_known_sizes
-from moe.errors import MoeA2AError
-from moe.experts import ReferenceExperts, SharedExpert
-from moe.parallel import ParallelContext
-from moe.routing import RouterConfig, route
-from moe.weights import MoEWeights
+from moe_a2a.backends import BackendSpec, check_availability
+from moe_a2a.dispatchers import BaseDispatcher, CombineInput, DispatcherSetup, TopK
+from moe_a2a.dispatchers.collectives import all_gather_known_sizes
+from moe_a2a.errors import MoeA2AError
+from moe_a2a.experts import ReferenceExperts, SharedExpert
+from moe_a2a.parallel import ParallelContext
+from moe_a2a.routing import RouterConfig, route
+from moe_a2a.weights import MoEWeights
 
 
 class TopKObserver(Protocol):
@@ -116,7 +116,7 @@ class EPMoE:
     @classmethod
     def from_hf(cls, block: torch.nn.Module, args: Any, ctx: ParallelContext, **kwargs: Any) -> "EPMoE":
         """From transformers' DeepseekV3MoE, Qwen3MoeSparseMoeBlock or MixtralSparseMoeBlock."""
-        from moe.hf import extract_moe
+        from moe_a2a.hf import extract_moe
 
         weights, router = extract_moe(block)
         return cls.build(weights, router, args, ctx, **kwargs)

@@ -2,7 +2,7 @@
 
 The same code runs under ``moe-a2a run`` (spawned local ranks, file/TCP rendezvous) and
 under ``torchrun`` (``env://`` rendezvous). Nothing here reads the environment: launch
-variables are read once in ``server_args.launch``.
+variables are read once in ``moe_a2a.server_args.launch``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from dispatchers.groups import CommGroups
-from moe.errors import MoeA2AError
+from moe_a2a.dispatchers.groups import CommGroups
+from moe_a2a.errors import MoeA2AError
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class ParallelSizes:
         return cls(tp_size=args.tp_size, attn_dp_size=args.attn_dp_size, ep_size=args.ep_size)
 
     def layout_groups(self) -> Dict[str, List[List[int]]]:
-        """Rank lists of every group kind (documented in ``dispatchers.groups``)."""
+        """Rank lists of every group kind (documented in ``moe_a2a.dispatchers.groups``)."""
         tp, atp, ep, mtp = self.tp_size, self.attn_tp_size, self.ep_size, self.moe_tp_size
         return {
             "attn_tp": [list(range(d * atp, (d + 1) * atp)) for d in range(self.attn_dp_size)],

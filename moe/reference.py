@@ -1,6 +1,6 @@
 """Single-process oracle: one MoE layer with no dispatcher, all math in float32.
 
-Deliberately written apart from ``moe.experts``: it loops over the *global* experts and
+Deliberately written apart from ``moe_a2a.experts``: it loops over the *global* experts and
 finds each one's tokens with a mask over ``[T, K]`` (no ``pair_order``, no shared ``swiglu``),
 so a bug in one path shows up as a mismatch against the other.
 """
@@ -11,10 +11,10 @@ from typing import Tuple
 
 import torch
 
-from dispatchers.base import TopK
-from moe.errors import MoeA2AError
-from moe.routing import RouterConfig, route
-from moe.weights import MoEWeights
+from moe_a2a.dispatchers.base import TopK
+from moe_a2a.errors import MoeA2AError
+from moe_a2a.routing import RouterConfig, route
+from moe_a2a.weights import MoEWeights
 
 
 def reference_moe(hidden: torch.Tensor, weights: MoEWeights, router: RouterConfig) -> Tuple[torch.Tensor, TopK]:
@@ -26,7 +26,7 @@ def reference_moe(hidden: torch.Tensor, weights: MoEWeights, router: RouterConfi
         router: routing rule; ``router.num_experts`` must equal ``weights.num_experts``.
     Returns:
         ``(out [T, H] float32, TopK)`` where ``TopK`` holds global ids ``[T, K]`` int64 and
-        weights ``[T, K]`` float32, exactly what ``moe.routing.route`` gives.
+        weights ``[T, K]`` float32, exactly what ``moe_a2a.routing.route`` gives.
     """
     if hidden.dim() != 2 or hidden.shape[1] != weights.hidden_size:
         raise MoeA2AError(f"hidden has shape {tuple(hidden.shape)}; expected [T, {weights.hidden_size}]")

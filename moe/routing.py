@@ -27,8 +27,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from dispatchers.base import TopK
-from moe.errors import MoeA2AError
+from moe_a2a.dispatchers.base import TopK
+from moe_a2a.errors import MoeA2AError
 
 SCORING_FUNCS = ("softmax", "sigmoid")
 

@@ -3,7 +3,7 @@
 Each rank builds a stack of ``EPMoE`` layers from the same seeded global weights, runs
 forward steps on uneven per-DP-rank batches (empty ranks included) and compares every
 layer's output with a single-process oracle computed on the same input: the plain-torch
-reference (``moe.reference``) or, with ``--hf-config``, transformers' own forward.
+reference (``moe_a2a.reference``) or, with ``--hf-config``, transformers' own forward.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from moe.errors import MoeA2AError, user_error_types
-from moe.run_plan import RunPlan
-from moe.parallel import (ParallelSizes, default_backend, destroy_distributed, init_distributed,
+from moe_a2a.errors import MoeA2AError, user_error_types
+from moe_a2a.run_plan import RunPlan
+from moe_a2a.parallel import (ParallelSizes, default_backend, destroy_distributed, init_distributed,
                           make_parallel_context)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -63,26 +63,26 @@ class _Oracle:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.hf_block is not None:
-            from moe.hf import hf_forward
+            from moe_a2a.hf import hf_forward
 
             return hf_forward(self.hf_block, x)
-        from moe.reference import reference_moe
+        from moe_a2a.reference import reference_moe
 
         return reference_moe(x, self.weights, self.router)[0]
 
 
 def _build_layers(plan: RunPlan, args, ctx, dtype):
     """Build the EP layers and their oracles (same seeded weights on every rank)."""
-    from moe.layer import EPMoE
-    from moe.routing import RouterConfig
-    from moe.weights import MoEWeights
+    from moe_a2a.layer import EPMoE
+    from moe_a2a.routing import RouterConfig
+    from moe_a2a.weights import MoEWeights
 
     shape = plan.shape
     layers, oracles = [], []
     for layer_id in range(shape.num_layers):
         seed = plan.seed * 1000 + layer_id
         if shape.hf_config is not None:
-            from moe.hf import build_hf_block, extract_moe, load_hf_config
+            from moe_a2a.hf import build_hf_block, extract_moe, load_hf_config
 
             block = build_hf_block(load_hf_config(shape.hf_config), seed=seed, dtype=torch.float32)
             weights, router = extract_moe(block)
@@ -105,7 +105,7 @@ def _build_layers(plan: RunPlan, args, ctx, dtype):
 def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
              local_rank: Optional[int] = None) -> Dict[str, Any]:
     """One rank of the job. Returns the job's summary (the same on every rank)."""
-    from server_args import ServerArgs
+    from moe_a2a.server_args import ServerArgs
 
     args = ServerArgs.from_json(plan.args_json)
     dtype = DTYPES[plan.dtype]

@@ -17,8 +17,8 @@ from typing import Optional
 
 import torch
 
-from dispatchers.base import ExpertPlacement
-from moe.errors import MoeA2AError
+from moe_a2a.dispatchers.base import ExpertPlacement
+from moe_a2a.errors import MoeA2AError
 
 # Sub-seed offsets so every tensor has its own stream and values do not depend on which
 # optional tensors were requested, nor on which rank generates them.

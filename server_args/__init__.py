@@ -1,6 +1,6 @@
 """Server arguments: flags, environment variables and one resolution pass to a frozen config.
 
-    from server_args import resolve
+    from moe_a2a.server_args import resolve
     args = resolve(["--moe-a2a-backend", "deepep", "--tp-size", "8"])   # command line
     args = resolve(moe_a2a_backend="deepep", tp_size=8)                 # keywords (RL frameworks)
     args.ep_size, args.decisions, args.explain()
@@ -10,17 +10,17 @@ Precedence per field: command line / keywords > ``MOE_A2A_*`` > legacy SGLang va
 default. See ``docs/configuration.md``.
 """
 
-from server_args.cli import add_arguments, explicit_values, resolve_namespace
-from server_args.errors import (
+from moe_a2a.server_args.cli import add_arguments, explicit_values, resolve_namespace
+from moe_a2a.server_args.errors import (
     REMOVAL_RELEASE,
     ConfigDeprecationWarning,
     ConfigError,
     ConfigWarning,
 )
-from server_args.fields import FIELDS, FieldSpec
-from server_args.launch import LaunchEnv, read_launch_env
-from server_args.model import Decision, ServerArgs
-from server_args.resolve import PRECEDENCE, resolve
+from moe_a2a.server_args.fields import FIELDS, FieldSpec
+from moe_a2a.server_args.launch import LaunchEnv, read_launch_env
+from moe_a2a.server_args.model import Decision, ServerArgs
+from moe_a2a.server_args.resolve import PRECEDENCE, resolve
 
 __all__ = [
     "ConfigDeprecationWarning",

@@ -11,9 +11,9 @@ import argparse
 import shlex
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
-from server_args.errors import REMOVAL_RELEASE, ConfigError
-from server_args.fields import FIELDS, FIELD_NAMES, LEGACY_FLAG_NAMES, LEGACY_FLAGS, FieldSpec
-from server_args.model import ServerArgs
+from moe_a2a.server_args.errors import REMOVAL_RELEASE, ConfigError
+from moe_a2a.server_args.fields import FIELDS, FIELD_NAMES, LEGACY_FLAG_NAMES, LEGACY_FLAGS, FieldSpec
+from moe_a2a.server_args.model import ServerArgs
 
 GROUP_TITLES = {
     "backend": "backend",
@@ -85,7 +85,7 @@ def resolve_namespace(
     defaults: Optional[Mapping[str, Any]] = None,
 ) -> ServerArgs:
     """Resolve from a namespace parsed by a parser that ``add_arguments`` filled."""
-    from server_args.resolve import resolve_sources
+    from moe_a2a.server_args.resolve import resolve_sources
 
     return resolve_sources(cli=explicit_values(namespace), kwargs={}, env=env, defaults=defaults)
 

@@ -1,6 +1,6 @@
 """Generated parts of ``docs/configuration.md`` (a test fails when the file is stale).
 
-Regenerate with ``python -m server_args.docs docs/configuration.md``. Each block sits between
+Regenerate with ``python -m moe_a2a.server_args.docs docs/configuration.md``. Each block sits between
 ``<!-- BEGIN generated:NAME -->`` and ``<!-- END generated:NAME -->``.
 """
 
@@ -11,10 +11,10 @@ import sys
 import warnings
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from server_args.errors import REMOVAL_RELEASE
-from server_args.fields import FIELDS, LEGACY_FLAGS, LEGACY_VARS, FIELDS_BY_NAME, format_value
-from server_args.model import ServerArgs
-from server_args.resolve import resolve
+from moe_a2a.server_args.errors import REMOVAL_RELEASE
+from moe_a2a.server_args.fields import FIELDS, LEGACY_FLAGS, LEGACY_VARS, FIELDS_BY_NAME, format_value
+from moe_a2a.server_args.model import ServerArgs
+from moe_a2a.server_args.resolve import resolve
 
 
 def _cell(text: str) -> str:
@@ -176,7 +176,7 @@ ERROR_EXAMPLES: Tuple[Tuple[str, ...], ...] = (
 
 
 def errors_section() -> str:
-    from server_args.errors import ConfigError
+    from moe_a2a.server_args.errors import ConfigError
 
     out: List[str] = []
     for argv in ERROR_EXAMPLES:
@@ -221,7 +221,7 @@ def block_names(text: str) -> List[str]:
 
 def main(argv: Sequence[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m server_args.docs docs/configuration.md", file=sys.stderr)
+        print("usage: python -m moe_a2a.server_args.docs docs/configuration.md", file=sys.stderr)
         return 2
     with open(argv[0], encoding="utf-8") as fh:
         text = fh.read()

@@ -3,7 +3,7 @@
 Each :class:`FieldSpec` names a server argument once. Its command-line flag is
 ``--<name with dashes>`` (plus ``aliases``), its environment variable ``MOE_A2A_<NAME>``
 (the one canonical spelling), its JSON key the name itself. Field-local checks (type,
-choices, range) live here too; checks across fields live in :mod:`server_args.validate`.
+choices, range) live here too; checks across fields live in :mod:`moe_a2a.server_args.validate`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-from backends.spec import BackendSpec, normalize_name
-from server_args.errors import REMOVAL_RELEASE, ConfigError
+from moe_a2a.backends.spec import BackendSpec, normalize_name
+from moe_a2a.server_args.errors import REMOVAL_RELEASE, ConfigError
 
 ENV_PREFIX = "MOE_A2A_"
 BOOL_TRUE = ("1", "true", "yes", "on")

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from server_args.errors import ConfigError
+from moe_a2a.server_args.errors import ConfigError
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from backends.spec import BackendSpec
-from server_args.errors import ConfigError
-from server_args.fields import FIELD_NAMES
-from server_args.validate import backend_spec, validate
+from moe_a2a.backends.spec import BackendSpec
+from moe_a2a.server_args.errors import ConfigError
+from moe_a2a.server_args.fields import FIELD_NAMES
+from moe_a2a.server_args.validate import backend_spec, validate
 
 JSON_FORMAT = "moe-a2a/server-args"
 JSON_VERSION = 1
@@ -40,16 +40,16 @@ class Decision:
                               f"output of ServerArgs.to_json() unchanged") from None
 
     def __str__(self) -> str:
-        from server_args.fields import format_value
+        from moe_a2a.server_args.fields import format_value
 
         return f"{self.field}: {format_value(self.from_)} -> {format_value(self.to)} ({self.reason})"
 
 
 @dataclass(frozen=True, kw_only=True)
 class ServerArgs:
-    """Resolved server arguments. Build with :func:`server_args.resolve`; never mutated.
+    """Resolved server arguments. Build with :func:`moe_a2a.server_args.resolve`; never mutated.
 
-    Fields are named as the flags (``--ep-size`` -> ``ep_size``); see ``server_args.fields``
+    Fields are named as the flags (``--ep-size`` -> ``ep_size``); see ``moe_a2a.server_args.fields``
     for types, defaults and meaning. Every instance is valid: construction runs every check
     (``from_json`` too) but no auto-configuration, and never reads the environment.
 

@@ -17,10 +17,10 @@ import os
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
-from backends import MoeA2ABackend
-from backends.spec import BackendSpec
-from server_args.errors import ConfigDeprecationWarning, ConfigError, ConfigWarning
-from server_args.fields import (
+from moe_a2a.backends import MoeA2ABackend
+from moe_a2a.backends.spec import BackendSpec
+from moe_a2a.server_args.errors import ConfigDeprecationWarning, ConfigError, ConfigWarning
+from moe_a2a.server_args.fields import (
     FIELD_NAMES,
     FIELDS,
     FIELDS_BY_NAME,
@@ -32,8 +32,8 @@ from server_args.fields import (
     is_explicit,
     is_set,
 )
-from server_args.model import Decision, ServerArgs
-from server_args.sources import (
+from moe_a2a.server_args.model import Decision, ServerArgs
+from moe_a2a.server_args.sources import (
     LegacyValue,
     check_expert_location,
     load_deepep_config,
@@ -41,7 +41,7 @@ from server_args.sources import (
     read_moe_env,
     unknown_moe_env,
 )
-from server_args.validate import (
+from moe_a2a.server_args.validate import (
     View,
     backend_mode,
     backend_spec,
@@ -119,7 +119,7 @@ def resolve(
     Raises:
         ConfigError: any invalid input or combination, naming flags, values and the fix.
     """
-    from server_args.cli import parse_argv  # argparse wiring lives in cli.py
+    from moe_a2a.server_args.cli import parse_argv  # argparse wiring lives in cli.py
 
     cli = parse_argv(argv) if argv is not None else {}
     return resolve_sources(cli=cli, kwargs=kwargs, env=env, defaults=defaults)

@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Mapping, Optional, Tuple
 
-from server_args.errors import ConfigError
-from server_args.fields import (
+from moe_a2a.server_args.errors import ConfigError
+from moe_a2a.server_args.fields import (
     ENV_PREFIX,
     FIELDS,
     FIELDS_BY_ENV,
@@ -22,7 +22,7 @@ from server_args.fields import (
     LegacyVar,
     _to_bool,
 )
-from server_args.validate import check_expert_location_json, expert_location_kind, parse_json_object
+from moe_a2a.server_args.validate import check_expert_location_json, expert_location_kind, parse_json_object
 
 
 def _present(env: Mapping[str, str], var: str) -> Optional[str]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Iterator, List, Mapping, Optional, Tuple
 
-from backends import MoeA2ABackend, UnknownBackendError, get_backend
-from backends.spec import BackendSpec
-from server_args.errors import ConfigError
-from server_args.fields import DEEPEP_MODES, FIELDS, FIELDS_BY_NAME, describe
+from moe_a2a.backends import MoeA2ABackend, UnknownBackendError, get_backend
+from moe_a2a.backends.spec import BackendSpec
+from moe_a2a.server_args.errors import ConfigError
+from moe_a2a.server_args.fields import DEEPEP_MODES, FIELDS, FIELDS_BY_NAME, describe
 
 Values = Mapping[str, Any]
 Sources = Mapping[str, str]

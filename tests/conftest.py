@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from moe.testing import RankPool
+from moe_a2a.testing import RankPool
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,9 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 
-from dispatchers.alltoall import AllToAllDispatcher
-from dispatchers.base import CombineInput, DispatcherSetup, DispatchOutput, TopK
-from dispatchers.collectives import (
+from moe_a2a.dispatchers.alltoall import AllToAllDispatcher
+from moe_a2a.dispatchers.base import CombineInput, DispatcherSetup, DispatchOutput, TopK
+from moe_a2a.dispatchers.collectives import (
     all_gather_known_sizes,
     all_gather_v,
     all_reduce,
@@ -29,8 +29,8 @@ from dispatchers.collectives import (
     exchange_sizes,
     reduce_scatter_known_sizes,
 )
-from dispatchers.standard import StandardDispatcher
-from moe.parallel import ParallelSizes, build_comm_groups
+from moe_a2a.dispatchers.standard import StandardDispatcher
+from moe_a2a.parallel import ParallelSizes, build_comm_groups
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _GROUPS: Dict[Tuple[int, int, int], Any] = {}
@@ -389,7 +389,7 @@ def run_cases(rank: int, world_size: int, cases: List[Dict[str, Any]]) -> List[D
 
 def run_nccl(world: int) -> List[List[Dict[str, Any]]]:
     """Every case (plus the large ones) over nccl, one process per GPU."""
-    from moe.testing import RankPool
+    from moe_a2a.testing import RankPool
 
     import dispatcher_checks as module  # functions pickled by module name, also from __main__
 

@@ -11,12 +11,12 @@ from typing import Any, Dict, List
 
 import torch
 
-from moe.layer import EPMoE
-from moe.parallel import ParallelSizes, make_parallel_context
-from moe.reference import reference_moe
-from moe.routing import RouterConfig
-from moe.weights import MoEWeights
-from server_args import resolve
+from moe_a2a.layer import EPMoE
+from moe_a2a.parallel import ParallelSizes, make_parallel_context
+from moe_a2a.reference import reference_moe
+from moe_a2a.routing import RouterConfig
+from moe_a2a.weights import MoEWeights
+from moe_a2a.server_args import resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -79,7 +79,7 @@ def run_layer_cases(rank: int, world_size: int, cases: List[Dict[str, Any]]) -> 
 
 def run_hf_cases(rank: int, world_size: int, cases: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """EPMoE.from_hf on real ranks against transformers' forward of the same block."""
-    from moe.hf import build_hf_block, hf_forward, load_hf_config
+    from moe_a2a.hf import build_hf_block, hf_forward, load_hf_config
 
     results = []
     for case in cases:

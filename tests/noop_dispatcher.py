@@ -1,6 +1,6 @@
 """A dispatcher class for registry tests: registered and inspected, never built."""
 
-from dispatchers import BaseDispatcher
+from moe_a2a.dispatchers import BaseDispatcher
 
 
 class NoopDispatcher(BaseDispatcher):

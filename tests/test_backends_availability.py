@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import backends
-from backends import (
+from moe_a2a import backends
+from moe_a2a.backends import (
     BackendAvailability,
     BackendUnavailableError,
     Requirement,
@@ -174,7 +174,7 @@ def test_dispatcher_module_failing_to_import():
 
 
 def test_dispatcher_attribute_missing():
-    spec = register_backend("lazy_attr", "dispatchers.base:NoSuchDispatcher",
+    spec = register_backend("lazy_attr", "moe_a2a.dispatchers.base:NoSuchDispatcher",
                             token_layout="scattered", ep_policy="tp")
     ok, reason = check_availability(spec, "cpu")
     assert not ok and "AttributeError" in reason and "NoSuchDispatcher" in reason

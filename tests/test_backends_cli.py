@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from backends import register_backend, registry_snapshot
+from moe_a2a.backends import register_backend, registry_snapshot
 from noop_dispatcher import NoopDispatcher
-from moe.cli import backends_cmd
+from moe_a2a.cli import backends_cmd
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +52,7 @@ def test_json_lists_every_backend_with_all_fields(capsys):
     assert by["deepep"] == {
         "name": "deepep", "builtin": True, "available": False,
         "reason": "backend 'deepep' runs on cuda only; device 'cpu' is not supported",
-        "source": "builtin", "dispatcher": "dispatchers.deepep:DeepEPDispatcher",
+        "source": "builtin", "dispatcher": "moe_a2a.dispatchers.deepep:DeepEPDispatcher",
         "token_layout": "scattered", "ep_policy": "tp", "fused_experts": False,
         "modes": ["normal", "low_latency", "auto"], "cuda_graph_modes": ["low_latency", "auto"],
         "devices": ["cuda"], "requires": ["deep_ep"], "min_compute_capability": [9, 0],

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import backends
-from backends import ENTRY_POINT_GROUP, registry_snapshot
-from backends import matrix
+from moe_a2a import backends
+from moe_a2a.backends import ENTRY_POINT_GROUP, registry_snapshot
+from moe_a2a.backends import matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS_MD = ROOT / "docs" / "backends.md"
@@ -60,7 +60,7 @@ def test_update_text_needs_markers():
 def test_matrix_cli_check_and_write(tmp_path):
     stale = tmp_path / "backends.md"
     stale.write_text(f"intro\n{matrix.BEGIN}\nold table\n{matrix.END}\noutro\n", encoding="utf-8")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "backends.matrix", *a],  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "moe_a2a.backends.matrix", *a],  # noqa: E731
                                     capture_output=True, text=True, cwd=ROOT, timeout=60)
     out = run("--check", str(stale))
     assert out.returncode == 1 and matrix.REGENERATE in out.stderr

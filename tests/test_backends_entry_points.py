@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-import backends
-from backends import (
+from moe_a2a import backends
+from moe_a2a.backends import (
     ENTRY_POINT_GROUP,
     BackendEntryPointError,
     BackendSpec,
@@ -257,12 +257,12 @@ def _env(*paths):
 def _cli():
     """The installed ``moe-a2a`` console script; its equivalent when it is not on PATH."""
     script = shutil.which("moe-a2a")
-    return [script] if script else [sys.executable, "-c", "from moe.cli import entry; entry()"]
+    return [script] if script else [sys.executable, "-c", "from moe_a2a.cli import entry; entry()"]
 
 
 def _config_cmd_ready() -> bool:
     try:
-        importlib.import_module("moe.cli.config_cmd")
+        importlib.import_module("moe_a2a.cli.config_cmd")
         return True
     except Exception:
         return False
@@ -273,7 +273,7 @@ def _backends_cmd(args, env):
     if _config_cmd_ready():
         cmd = [*_cli(), "backends", *args]
     else:
-        driver = ("import argparse, sys; from moe.cli import backends_cmd; "
+        driver = ("import argparse, sys; from moe_a2a.cli import backends_cmd; "
                   "p = argparse.ArgumentParser(prog='moe-a2a'); s = p.add_subparsers(); "
                   "backends_cmd.add_parser(s); a = p.parse_args(sys.argv[1:]); sys.exit(a.handler(a))")
         cmd = [sys.executable, "-c", driver, "backends", *args]
@@ -281,7 +281,7 @@ def _backends_cmd(args, env):
 
 
 def test_subprocess_lazy_lookup(site):
-    code = ("import json, backends; s = backends.get_backend('Fake-A2A'); "
+    code = ("import json; from moe_a2a import backends; s = backends.get_backend('Fake-A2A'); "
             "print(json.dumps([s.name, backends.REGISTRY.source(s.name), backends.backend_names()]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=_env(site.paths["good"]), timeout=120)
@@ -307,7 +307,7 @@ def test_cli_backends_json_lists_thirdparty(site):
     assert rows["deepep"]["builtin"] is True
 
 
-@pytest.mark.skipif(not _config_cmd_ready(), reason="moe.cli.config_cmd is not importable yet")
+@pytest.mark.skipif(not _config_cmd_ready(), reason="moe_a2a.cli.config_cmd is not importable yet")
 def test_cli_config_resolves_thirdparty_backend(site):
     env = _env(site.paths["good"])
     out = subprocess.run([*_cli(), "config", "--moe-a2a-backend", "fake-a2a", "--tp-size", "2",
@@ -318,7 +318,7 @@ def test_cli_config_resolves_thirdparty_backend(site):
     assert args["ep_size"] == 2  # fake_a2a's ep_policy is "tp": read from its spec, not its name
 
 
-@pytest.mark.skipif(not _config_cmd_ready(), reason="moe.cli.config_cmd is not importable yet")
+@pytest.mark.skipif(not _config_cmd_ready(), reason="moe_a2a.cli.config_cmd is not importable yet")
 def test_cli_config_broken_entry_point_exit_2(site):
     env = _env(site.paths["good"], site.paths["broken"])
     out = subprocess.run([*_cli(), "config", "--moe-a2a-backend", "broken_missing", "--json"],

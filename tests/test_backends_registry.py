@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-import backends
-from backends import (
+from moe_a2a import backends
+from moe_a2a.backends import (
     BUILTIN_NAMES,
     DEVICES,
     EP_POLICIES,
@@ -27,7 +27,7 @@ from backends import (
     register_backend,
     registry_snapshot,
 )
-from dispatchers import BaseDispatcher
+from moe_a2a.dispatchers import BaseDispatcher
 
 
 @pytest.fixture(autouse=True)
@@ -80,18 +80,18 @@ def test_enum_spec_property():
 # -- built-ins ------------------------------------------------------------------------------
 
 EXPECTED_BUILTINS = {
-    "none": dict(dispatcher="dispatchers.standard:StandardDispatcher", token_layout="replicated",
+    "none": dict(dispatcher="moe_a2a.dispatchers.standard:StandardDispatcher", token_layout="replicated",
                  ep_policy="user", fused_experts=False, modes=("default",),
                  cuda_graph_modes=("default",), devices=("cpu", "cuda"), requires=(),
                  min_compute_capability=None),
-    "alltoall": dict(dispatcher="dispatchers.alltoall:AllToAllDispatcher", token_layout="scattered",
+    "alltoall": dict(dispatcher="moe_a2a.dispatchers.alltoall:AllToAllDispatcher", token_layout="scattered",
                      ep_policy="tp", fused_experts=False, modes=("default",), cuda_graph_modes=(),
                      devices=("cpu", "cuda"), requires=(), min_compute_capability=None),
-    "deepep": dict(dispatcher="dispatchers.deepep:DeepEPDispatcher", token_layout="scattered",
+    "deepep": dict(dispatcher="moe_a2a.dispatchers.deepep:DeepEPDispatcher", token_layout="scattered",
                    ep_policy="tp", fused_experts=False, modes=("normal", "low_latency", "auto"),
                    cuda_graph_modes=("low_latency", "auto"), devices=("cuda",),
                    requires=(Requirement("deep_ep", "deep_ep"),), min_compute_capability=(9, 0)),
-    "megamoe": dict(dispatcher="dispatchers.megamoe:MegaMoEDispatcher", token_layout="replicated",
+    "megamoe": dict(dispatcher="moe_a2a.dispatchers.megamoe:MegaMoEDispatcher", token_layout="replicated",
                     ep_policy="tp", fused_experts=True, modes=("default",), cuda_graph_modes=("default",),
                     devices=("cuda",), requires=(Requirement("deep_gemm", "deep_gemm"),),
                     min_compute_capability=(10, 0)),
@@ -375,7 +375,7 @@ def test_requirement_parse_and_str():
 
 
 def test_version_tuple_handles_tags():
-    from backends.spec import _version_tuple
+    from moe_a2a.backends.spec import _version_tuple
 
     assert _version_tuple("2.1.0rc1+cu124") == (2, 1, 0)
     assert _version_tuple("1.10") > _version_tuple("1.9")
@@ -409,9 +409,10 @@ def test_list_order_builtins_then_sorted():
 
 
 def test_import_has_no_heavy_side_effects():
-    code = ("import sys, backends; backends.get_backend('deepep'); backends.list_backends(); "
-            "bad = [m for m in ('torch', 'deep_ep', 'deep_gemm', 'dispatchers', 'server_args', 'moe') "
-            "if m in sys.modules]; print(bad)")
+    code = ("import sys; from moe_a2a import backends; backends.get_backend('deepep'); "
+            "backends.list_backends(); bad = [m for m in ('torch', 'deep_ep', 'deep_gemm', "
+            "'moe_a2a.dispatchers', 'moe_a2a.server_args', 'moe_a2a.layer', 'backends', "
+            "'dispatchers', 'server_args', 'moe') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 

@@ -1,6 +1,6 @@
 """``moe-a2a config``: the "Must hold" lines of issue 2, the output forms, and the docs page.
 
-Most checks call ``moe.cli.main`` in-process (the console script is ``sys.exit(main())``);
+Most checks call ``moe_a2a.cli.main`` in-process (the console script is ``sys.exit(main())``);
 a few run a real process to check exit codes, stderr and that no traceback escapes.
 """
 
@@ -16,10 +16,10 @@ import warnings
 
 import pytest
 
-from moe.cli import main as cli_main
-from server_args import docs as server_args_docs
-from server_args import resolve
-from server_args.fields import FIELDS, LEGACY_VARS
+from moe_a2a.cli import main as cli_main
+from moe_a2a.server_args import docs as server_args_docs
+from moe_a2a.server_args import resolve
+from moe_a2a.server_args.fields import FIELDS, LEGACY_VARS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "configuration.md"
@@ -122,7 +122,7 @@ def test_eplb_decisions(clean_env, capsys):
 
 
 def test_registered_backend_resolves(clean_env, capsys):
-    from backends import register_backend, registry_snapshot
+    from moe_a2a.backends import register_backend, registry_snapshot
 
     with registry_snapshot():
         register_backend("my_a2a", "tests.nowhere:Mine", token_layout="scattered", ep_policy="tp")
@@ -162,7 +162,7 @@ def _process(argv, extra_env=None, pythonpath=()):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MOE_A2A_", "SGLANG_"))}
     env.update(extra_env or {})
     env["PYTHONPATH"] = os.pathsep.join([*map(str, pythonpath), str(ROOT), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "moe", "config", *argv], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "moe_a2a", "config", *argv], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -186,7 +186,7 @@ def test_process_entry_point_backend_resolves(tmp_path):
     pkg = tmp_path / "fake_a2a_pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text(textwrap.dedent("""
-        from backends import BackendSpec
+        from moe_a2a.backends import BackendSpec
 
         def spec():
             return BackendSpec(name="fake_a2a", dispatcher="fake_a2a_pkg.dispatch:FakeDispatcher",
@@ -210,7 +210,7 @@ def test_configuration_doc_is_current():
     text = DOC.read_text()
     assert sorted(server_args_docs.block_names(text)) == sorted(server_args_docs.BLOCKS)
     assert server_args_docs.update(text) == text, (
-        "docs/configuration.md is stale: run python -m server_args.docs docs/configuration.md")
+        "docs/configuration.md is stale: run python -m moe_a2a.server_args.docs docs/configuration.md")
 
 
 def test_configuration_doc_names_every_flag_variable_and_legacy_name():

@@ -19,7 +19,7 @@ def _run(*argv, env_extra=None, launcher=None, timeout=300):
     env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO)] + [str(p) for p in (env_extra or {}).pop("_paths", [])])
     env.update(env_extra or {})
-    cmd = (launcher or [sys.executable, "-m", "moe"]) + ["run", "--quiet", *argv]
+    cmd = (launcher or [sys.executable, "-m", "moe_a2a"]) + ["run", "--quiet", *argv]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
@@ -58,7 +58,7 @@ def test_unavailable_backend_exits_2_with_the_reason():
 
 
 def test_hf_deepseek_block_against_transformers():
-    from moe.hf import example_hf_config
+    from moe_a2a.hf import example_hf_config
 
     s = _summary(_run("--hf-config", str(example_hf_config("deepseek_v3")),
                       "--moe-a2a-backend", "alltoall", "--tp-size", "2", "--json"))
@@ -73,16 +73,14 @@ def test_mismatch_exits_1():
     assert proc.stdout.startswith("FAILED")
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and
-                    not (Path(sys.executable).parent / "torchrun").exists(),
-                    reason="torchrun not installed")
 def test_torchrun_two_processes():
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    from moe.run import free_port
+    from moe_a2a.run import free_port
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]  # this interpreter's torchrun
 
     proc = _run("--moe-a2a-backend", "alltoall", "--tp-size", "2", "--json",
-                launcher=[torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()),
-                          "-m", "moe"])
+                launcher=[*torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()),
+                          "-m", "moe_a2a"])
     s = _summary(proc)
     assert s["passed"] is True and s["tp_size"] == 2 and s["dist_backend"] == "gloo"
 
@@ -109,8 +107,8 @@ def test_torchrun_two_processes():
      "--enable-eplb: EPLB is not built"),
 ])
 def test_bad_input_exits_2_without_starting_ranks(argv, needle, capsys, monkeypatch):
-    from moe import run as run_module
-    from moe.cli import main
+    from moe_a2a import run as run_module
+    from moe_a2a.cli import main
 
     def no_spawn(*a, **k):
         raise AssertionError("ranks were started for bad input")
@@ -129,8 +127,8 @@ def test_bad_input_exits_2_without_starting_ranks(argv, needle, capsys, monkeypa
 
 
 def test_hf_config_experts_not_divisible(tmp_path, capsys):
-    from moe.cli import main
-    from moe.hf import example_hf_config
+    from moe_a2a.cli import main
+    from moe_a2a.hf import example_hf_config
 
     cfg = json.loads(example_hf_config("mixtral").read_text())
     cfg["num_local_experts"] = 6

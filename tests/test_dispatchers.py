@@ -11,15 +11,15 @@ import dataclasses
 import pytest
 import torch
 
-from dispatchers.alltoall import AllToAllDispatcher, AllToAllHandle, AllToAllLayoutError
-from dispatchers.base import (
+from moe_a2a.dispatchers.alltoall import AllToAllDispatcher, AllToAllHandle, AllToAllLayoutError
+from moe_a2a.dispatchers.base import (
     CombineInput,
     DispatcherError,
     DispatcherSetup,
     DispatchFormat,
     TopK,
 )
-from dispatchers.collectives import (
+from moe_a2a.dispatchers.collectives import (
     all_gather_known_sizes,
     all_gather_v,
     all_reduce,
@@ -30,8 +30,8 @@ from dispatchers.collectives import (
     reduce_scatter_known_sizes,
     unpack_topk,
 )
-from dispatchers.groups import CommGroups
-from dispatchers.standard import StandardDispatcher, StandardHandle
+from moe_a2a.dispatchers.groups import CommGroups
+from moe_a2a.dispatchers.standard import StandardDispatcher, StandardHandle
 
 import dispatcher_checks as checks  # tests/ is on sys.path (pytest rootdir conftest)
 

@@ -5,12 +5,12 @@ import dataclasses
 import pytest
 import torch
 
-from dispatchers.base import DispatchFormat, DispatchOutput, ExpertPlacement, TopK, group_pairs_by_expert
-from moe.errors import MoeA2AError
-from moe.experts import ReferenceExperts, SharedExpert, UnsupportedDispatchFormat
-from moe.reference import reference_moe
-from moe.routing import RouterConfig, default_groups
-from moe.weights import LocalExpertWeights, MoEWeights, SharedExpertWeights
+from moe_a2a.dispatchers.base import DispatchFormat, DispatchOutput, ExpertPlacement, TopK, group_pairs_by_expert
+from moe_a2a.errors import MoeA2AError
+from moe_a2a.experts import ReferenceExperts, SharedExpert, UnsupportedDispatchFormat
+from moe_a2a.reference import reference_moe
+from moe_a2a.routing import RouterConfig, default_groups
+from moe_a2a.weights import LocalExpertWeights, MoEWeights, SharedExpertWeights
 
 E, H, I = 8, 32, 24
 

@@ -7,11 +7,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from moe.errors import MoeA2AError  # noqa: E402
-from moe.hf import (HF_MODEL_TYPES, build_hf_block, example_hf_config, extract_moe,  # noqa: E402
+from moe_a2a.errors import MoeA2AError  # noqa: E402
+from moe_a2a.hf import (HF_MODEL_TYPES, build_hf_block, example_hf_config, extract_moe,  # noqa: E402
                     hf_forward, load_hf_config)
-from moe.reference import reference_moe  # noqa: E402
-from moe.routing import compute_router_logits, route  # noqa: E402
+from moe_a2a.reference import reference_moe  # noqa: E402
+from moe_a2a.routing import compute_router_logits, route  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=HF_MODEL_TYPES)

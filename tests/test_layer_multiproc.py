@@ -94,7 +94,7 @@ HF_CASES = [
 
 
 def test_hf_blocks_2_ranks(pool2):
-    from moe.hf import example_hf_config
+    from moe_a2a.hf import example_hf_config
 
     cases = [dict(c, config=str(example_hf_config(c["config"]))) for c in HF_CASES]
     results = pool2.run(layer_checks.run_hf_cases, cases)

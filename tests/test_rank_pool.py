@@ -3,7 +3,7 @@
 import pytest
 
 import pool_checks
-from moe.testing import RankFailed, RankPool
+from moe_a2a.testing import RankFailed, RankPool
 
 
 def test_pool_runs_collectives_and_survives_a_failure():

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from moe.errors import MoeA2AError
-from moe.routing import RouterConfig, compute_router_logits, default_groups, route
+from moe_a2a.errors import MoeA2AError
+from moe_a2a.routing import RouterConfig, compute_router_logits, default_groups, route
 
 
 def _sorted_by_id(ids, weights):

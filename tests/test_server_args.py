@@ -10,9 +10,9 @@ import warnings
 
 import pytest
 
-import backends
-from backends import MoeA2ABackend, register_backend, registry_snapshot
-from server_args import (
+from moe_a2a import backends
+from moe_a2a.backends import MoeA2ABackend, register_backend, registry_snapshot
+from moe_a2a.server_args import (
     FIELDS,
     PRECEDENCE,
     REMOVAL_RELEASE,
@@ -27,7 +27,7 @@ from server_args import (
     resolve,
     resolve_namespace,
 )
-from server_args.fields import BOOL_FALSE, BOOL_TRUE, FIELD_NAMES
+from moe_a2a.server_args.fields import BOOL_FALSE, BOOL_TRUE, FIELD_NAMES
 
 
 def R(argv=(), env=None, **kwargs) -> ServerArgs:
@@ -784,7 +784,7 @@ LAYOUTS = [
 
 @pytest.mark.parametrize("argv", LAYOUTS, ids=lambda a: " ".join(a))
 def test_rank_layout_matches_parallel_sizes(argv):
-    from moe.parallel import ParallelSizes
+    from moe_a2a.parallel import ParallelSizes
 
     a = R(argv)
     sizes = ParallelSizes.from_server_args(a)

@@ -12,13 +12,13 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from moe.errors import user_error_types
+from moe_a2a.errors import user_error_types
 
 # name -> module; imported lazily so ``moe-a2a config`` never pays for the model code.
 SUBCOMMANDS = {
-    "config": "moe.cli.config_cmd",
-    "backends": "moe.cli.backends_cmd",
-    "run": "moe.cli.run_cmd",
+    "config": "moe_a2a.cli.config_cmd",
+    "backends": "moe_a2a.cli.backends_cmd",
+    "run": "moe_a2a.cli.run_cmd",
 }
 
 EXIT_OK = 0

@@ -18,8 +18,8 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-import backends
-from backends.spec import DEVICES
+from moe_a2a import backends
+from moe_a2a.backends.spec import DEVICES
 
 _CAPABILITY_FIELDS = ("dispatcher", "token_layout", "ep_policy", "fused_experts", "modes",
                       "cuda_graph_modes", "devices", "requires", "min_compute_capability",

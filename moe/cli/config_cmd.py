@@ -14,8 +14,8 @@ import sys
 import warnings
 from typing import Any, List
 
-from server_args import ServerArgs, add_arguments, resolve_namespace
-from server_args.fields import FIELDS, format_value
+from moe_a2a.server_args import ServerArgs, add_arguments, resolve_namespace
+from moe_a2a.server_args.fields import FIELDS, format_value
 
 _MAX_VALUE_WIDTH = 48
 

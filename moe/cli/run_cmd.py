@@ -9,7 +9,7 @@ import sys
 import warnings
 from typing import Any, Dict
 
-from moe.errors import MoeA2AError
+from moe_a2a.errors import MoeA2AError
 
 # What ``moe-a2a run`` does with no flags: a demo on several CPU ranks over the torch-native
 # all-to-all. These count as defaults (an env var or legacy variable still overrides them).
@@ -19,8 +19,8 @@ EXIT_MISMATCH = 1
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from moe.run_plan import ModelShape, RunPlan
-    from server_args import add_arguments
+    from moe_a2a.run_plan import ModelShape, RunPlan
+    from moe_a2a.server_args import add_arguments
 
     shape, plan = ModelShape(), RunPlan(args_json="", shape=ModelShape())
     p = subparsers.add_parser(
@@ -74,7 +74,7 @@ def _check_positive(name: str, value: int, minimum: int = 1) -> None:
 
 def resolve_groups(shape):
     """Fill in ``n_group``/``topk_group`` left to adapt to the expert count."""
-    from moe.routing import default_groups
+    from moe_a2a.routing import default_groups
 
     if shape.n_group is not None and shape.topk_group is not None:
         return shape
@@ -93,7 +93,7 @@ def resolve_groups(shape):
 def checked_shape(shape, args):
     """The shape with its routing groups filled in; rejects a layer stack that cannot be built
     on these ranks, before any rank starts."""
-    from moe.routing import RouterConfig
+    from moe_a2a.routing import RouterConfig
 
     for flag, value, minimum in (("--num-experts", shape.num_experts, 1), ("--top-k", shape.top_k, 1),
                                  ("--hidden-size", shape.hidden_size, 1),
@@ -124,7 +124,7 @@ def checked_shape(shape, args):
 
 
 def _check_hf_shape(path: str, args) -> None:
-    from moe.hf import moe_sizes
+    from moe_a2a.hf import moe_sizes
 
     num_experts, inter = moe_sizes(path)
     if num_experts % args.ep_size:
@@ -158,7 +158,7 @@ def _check_supported(args) -> None:
 
 def _check_capacity(args, num_tokens: int) -> None:
     """``--num-tokens`` must fit every per-rank capacity of the backend (no silent fallback)."""
-    from server_args.validate import batch_capacity_error
+    from moe_a2a.server_args.validate import batch_capacity_error
 
     attn_tp = args.attn_tp_size if args.backend_spec.token_layout == "scattered" else 1
     per_rank = -(-num_tokens // attn_tp)  # the fullest rank after the attention-TP split
@@ -171,7 +171,7 @@ def _check_capacity(args, num_tokens: int) -> None:
 def _check_device(device: str, args) -> None:
     import torch
 
-    from backends import check_availability
+    from moe_a2a.backends import check_availability
 
     if device == "cuda":
         if not torch.cuda.is_available():
@@ -200,9 +200,9 @@ def _describe(summary: Dict[str, Any]) -> str:
 
 
 def main(ns: argparse.Namespace) -> int:
-    from moe.run import RankError, run_rank, spawn_job
-    from moe.run_plan import ModelShape, RunPlan
-    from server_args import read_launch_env, resolve_namespace
+    from moe_a2a.run import RankError, run_rank, spawn_job
+    from moe_a2a.run_plan import ModelShape, RunPlan
+    from moe_a2a.server_args import read_launch_env, resolve_namespace
 
     with warnings.catch_warnings():  # printed once below, from args.warnings
         warnings.simplefilter("ignore")

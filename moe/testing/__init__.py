@@ -1,5 +1,5 @@
 """Helpers for testing code built on moe-a2a on a CPU: a reusable pool of gloo ranks."""
 
-from moe.testing.distributed import RankFailed, RankPool
+from moe_a2a.testing.distributed import RankFailed, RankPool
 
 __all__ = ["RankFailed", "RankPool"]
