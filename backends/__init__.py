@@ -34,6 +34,13 @@ from moe_a2a.backends.registry import (
     register_backend,
     registry_snapshot,
 )
+from moe_a2a.backends.settings import (
+    BackendSettings,
+    CapacityRule,
+    DeepEPSettings,
+    MegaMoESettings,
+    NoSettings,
+)
 from moe_a2a.backends.spec import (
     DEVICES,
     EP_POLICIES,
@@ -52,6 +59,11 @@ __all__ = [
     "SGLANG_ONLY_BACKENDS",
     "TOKEN_LAYOUTS",
     "BackendAvailability",
+    "BackendSettings",
+    "CapacityRule",
+    "DeepEPSettings",
+    "MegaMoESettings",
+    "NoSettings",
     "BackendConflictError",
     "BackendEntryPointError",
     "BackendError",

@@ -122,10 +122,10 @@ def _check(spec: BackendSpec, device: Any) -> Tuple[bool, str]:
         if not ok:
             reasons.append(reason)
             missing = True
-    dispatcher_reason = _check_dispatcher(spec)
+    dispatcher_reason, not_built = _check_dispatcher(spec, device)
     if dispatcher_reason:
         reasons.append(dispatcher_reason)
-        missing = True
+        missing = missing or not not_built
     if missing and spec.install_hint:
         reasons.append(f"install: {spec.install_hint}")
     return (not reasons), "; ".join(reasons)
@@ -161,13 +161,15 @@ def _check_capability(needed: Tuple[int, int]) -> List[str]:
     return []
 
 
-def _check_dispatcher(spec: BackendSpec) -> str:
+def _check_dispatcher(spec: BackendSpec, device: str) -> Tuple[str, bool]:
+    """``(reason, runnable_check_failed)``: the class cannot be loaded, or says it cannot run."""
     try:
-        spec.load_dispatcher_class()
+        cls = spec.load_dispatcher_class()
     except ImportError as exc:
         cause = exc.__cause__ or exc
         return (f"dispatcher {spec.dispatcher_path} cannot be imported: "
-                f"{type(cause).__name__}: {cause}")
+                f"{type(cause).__name__}: {cause}"), False
     except Exception as exc:  # not a BaseDispatcher subclass, or anything odd
-        return str(exc)
-    return ""
+        return str(exc), False
+    ok, reason = cls.check_runnable(device)
+    return ("" if ok else reason), not ok

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Tuple
 
 from moe_a2a.backends.names import MoeA2ABackend
+from moe_a2a.backends.settings import CapacityRule, DeepEPSettings, MegaMoESettings
 from moe_a2a.backends.spec import BackendSpec, Requirement
 
 NONE = BackendSpec(
@@ -55,12 +56,27 @@ DEEPEP = BackendSpec(
     ),
     builtin=True,
     description="DeepEP buffers: normal (prefill), low_latency (decode), auto (per batch)",
+    settings=DeepEPSettings,
+    settings_fields={
+        "mode": "deepep_mode",
+        "config": "deepep_config",
+        "num_max_dispatch_tokens_per_rank": "deepep_num_max_dispatch_tokens_per_rank",
+    },
+    mode_setting="mode",
+    capacities=(
+        # low_latency runs every batch (prefill chunks too) through the fixed-size buffers;
+        # auto runs only decode batches through them
+        CapacityRule("num_max_dispatch_tokens_per_rank", batches="all", modes=("low_latency",)),
+        CapacityRule("num_max_dispatch_tokens_per_rank", batches="decode", modes=("auto",)),
+    ),
 )
 
 MEGAMOE = BackendSpec(
     name=MoeA2ABackend.MEGAMOE.value,
-    dispatcher="moe_a2a.dispatchers.megamoe:MegaMoEDispatcher",
-    token_layout="replicated",  # the layout of its fallback (standard) path
+    dispatcher="moe_a2a.dispatchers.megamoe:MegaMoE",
+    # as in SGLang, the fused kernel takes each rank's own slice of the batch (it moves the
+    # tokens itself); over-cap steps run the fallback backend in that backend's layout
+    token_layout="scattered",
     ep_policy="tp",
     fused_experts=True,
     modes=("default",),
@@ -75,6 +91,15 @@ MEGAMOE = BackendSpec(
     ),
     builtin=True,
     description="DeepGEMM Mega-MoE: fused dispatch + expert GEMMs + combine; large batches fall back to standard",
+    settings=MegaMoESettings,
+    settings_fields={
+        "num_max_tokens_per_rank": "mega_moe_num_max_tokens_per_rank",
+        "fix_memory": "mega_moe_fix_memory",
+    },
+    # captured (CUDA-graph) batches must fit; eager batches above the cap take the fallback
+    capacities=(CapacityRule("num_max_tokens_per_rank", batches="captured",
+                             over_capacity="fallback"),),
+    fallback=MoeA2ABackend.NONE.value,
 )
 
 BUILTIN_SPECS: Tuple[BackendSpec, ...] = (NONE, ALLTOALL, DEEPEP, MEGAMOE)

@@ -48,6 +48,7 @@ from moe_a2a.backends.errors import (
     UnknownBackendError,
 )
 from moe_a2a.backends.names import BUILTIN_NAMES, SGLANG_ONLY_BACKENDS, MoeA2ABackend
+from moe_a2a.backends.settings import NoSettings
 from moe_a2a.backends.spec import BackendSpec, RequirementLike, normalize_name, validate_name
 
 ENTRY_POINT_GROUP = "moe_a2a.backends"
@@ -367,6 +368,11 @@ def register_backend(
     min_compute_capability: Optional[Tuple[int, int]] = None,
     install_hint: str = "",
     description: str = "",
+    settings: Optional[type] = None,
+    settings_fields: Optional[dict] = None,
+    mode_setting: Optional[str] = None,
+    capacities: Iterable[Any] = (),
+    fallback: Optional[str] = None,
     extra: Optional[dict] = None,
 ) -> Any:
     """Register a backend under ``name`` (normalised: lower case, ``-`` → ``_``).
@@ -384,6 +390,8 @@ def register_backend(
     different entry under a registered name raises :class:`BackendConflictError`, and
     built-in names raise :class:`ReservedBackendNameError` (both ``ValueError``).
     ``requires`` accepts :class:`Requirement` objects or ``"module>=version"`` strings.
+    ``settings`` / ``settings_fields`` / ``mode_setting`` / ``capacities`` / ``fallback``
+    describe the backend's typed knobs and capacities (see :class:`BackendSpec`).
     """
 
     def build(target: Union[str, type]) -> BackendSpec:
@@ -392,6 +400,9 @@ def register_backend(
             fused_experts=fused_experts, modes=modes, cuda_graph_modes=cuda_graph_modes,
             devices=devices, requires=requires, min_compute_capability=min_compute_capability,
             install_hint=install_hint, description=description,
+            settings=settings if settings is not None else NoSettings,
+            settings_fields=settings_fields or {}, mode_setting=mode_setting,
+            capacities=tuple(capacities), fallback=fallback,
             extra=extra if extra is not None else {},
         )
         where = target.__module__ if isinstance(target, type) else None

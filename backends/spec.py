@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping, Optional, Tuple, Union
 
 from moe_a2a.backends.errors import InvalidBackendError
+from moe_a2a.backends.settings import BackendSettings, CapacityRule, NoSettings, is_settings_class
 
 TokenLayout = Literal["replicated", "scattered"]
 EpPolicy = Literal["user", "tp"]
@@ -153,6 +154,12 @@ class BackendSpec:
         install_hint: what to run when a requirement is missing.
         builtin: shipped with moe-a2a (only the registry's own built-ins set it).
         description: one line for tables.
+        settings: the backend's typed settings class (a ``BackendSettings`` subclass).
+        settings_fields: settings attribute -> server-argument field it is read from
+            (e.g. ``{"mode": "deepep_mode"}``); attributes not listed keep their defaults.
+        mode_setting: the settings attribute holding the mode (backends with modes), or None.
+        capacities: per-rank capacities the resolver and the layer check (``CapacityRule``).
+        fallback: the backend a step runs instead when a ``"fallback"`` capacity is exceeded.
         extra: free-form metadata for third parties; not compared, not validated.
 
     Sequences are stored as tuples and strings are normalised (modes lower case), so two
@@ -172,6 +179,11 @@ class BackendSpec:
     install_hint: str = ""
     builtin: bool = False
     description: str = ""
+    settings: type = NoSettings
+    settings_fields: Mapping[str, str] = field(default_factory=dict, hash=False)
+    mode_setting: Optional[str] = None
+    capacities: Tuple[CapacityRule, ...] = ()
+    fallback: Optional[str] = None
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -219,6 +231,25 @@ class BackendSpec:
         if not isinstance(self.extra, Mapping):
             raise InvalidBackendError(f"backend {name!r}: extra={self.extra!r} must be a mapping")
         set_("extra", dict(self.extra))  # a private copy (a proxy would not pickle)
+        _check_settings(self)
+        if isinstance(self.dispatcher, type):  # a path is checked when it is loaded
+            _check_class_contract(name, self.dispatcher, self.fused_experts)
+
+    @property
+    def has_modes(self) -> bool:
+        """The backend has modes of its own (not only ``default``)."""
+        return self.modes != ("default",)
+
+    @property
+    def fused_capacity(self) -> Optional[CapacityRule]:
+        """The capacity that decides, per step, between the fused path and the fallback."""
+        for rule in self.capacities:
+            if rule.over_capacity == "fallback":
+                return rule
+        return None
+
+    def default_settings(self) -> BackendSettings:
+        return self.settings()
 
     @property
     def dispatcher_path(self) -> str:
@@ -257,6 +288,16 @@ class BackendSpec:
             ),
             "install_hint": self.install_hint,
             "description": self.description,
+            "settings": f"{self.settings.__module__}:{self.settings.__qualname__}",
+            "settings_fields": dict(self.settings_fields),
+            "mode_setting": self.mode_setting,
+            "capacities": [
+                {"setting": r.setting, "batches": r.batches,
+                 "modes": list(r.modes) if r.modes is not None else None,
+                 "over_capacity": r.over_capacity}
+                for r in self.capacities
+            ],
+            "fallback": self.fallback,
         }
 
     def load_dispatcher_class(self) -> type:
@@ -283,15 +324,90 @@ class BackendSpec:
         if not _is_dispatcher_class(obj):
             raise InvalidBackendError(
                 f"backend {self.name!r}: {self.dispatcher!r} is {obj!r}, not a subclass of "
-                f"dispatchers.BaseDispatcher; fix: point the backend at a BaseDispatcher subclass"
+                f"dispatchers.BaseDispatcher or dispatchers.FusedMoE; fix: point the backend at "
+                f"one of those"
             )
+        _check_class_contract(self.name, obj, self.fused_experts)
         return obj
 
 
 def _is_dispatcher_class(obj: Any) -> bool:
-    from moe_a2a.dispatchers.base import BaseDispatcher  # lazy: keeps `import backends` free of torch
+    # lazy: keeps `import moe_a2a.backends` free of torch
+    from moe_a2a.dispatchers.base import BaseDispatcher
+    from moe_a2a.dispatchers.fused import FusedMoE
 
-    return isinstance(obj, type) and issubclass(obj, BaseDispatcher)
+    return isinstance(obj, type) and issubclass(obj, (BaseDispatcher, FusedMoE))
+
+
+def _check_class_contract(name: str, cls: type, fused_experts: bool) -> None:
+    """The class keeps the contract the spec names: fused or not, and a declared output class."""
+    from moe_a2a.dispatchers.base import BaseDispatcher
+    from moe_a2a.dispatchers.fused import FusedMoE
+    from moe_a2a.dispatchers.outputs import DispatchOutput
+
+    is_fused = issubclass(cls, FusedMoE)
+    if is_fused != fused_experts:
+        raise InvalidBackendError(
+            f"backend {name!r}: fused_experts={fused_experts} but {cls.__qualname__} "
+            f"{'is' if is_fused else 'is not'} a FusedMoE; fix: register a FusedMoE subclass "
+            f"with fused_experts=True, or a BaseDispatcher subclass with fused_experts=False")
+    if issubclass(cls, BaseDispatcher):
+        out = getattr(cls, "output_class", None)
+        if not (isinstance(out, type) and issubclass(out, DispatchOutput)):
+            raise InvalidBackendError(
+                f"backend {name!r}: {cls.__qualname__}.output_class is {out!r}; a dispatcher "
+                f"declares the output class it returns (a dispatchers.DispatchOutput subclass, "
+                f"e.g. StandardDispatchOutput) as a ClassVar; fix: set output_class on the class")
+
+
+def _check_settings(spec: "BackendSpec") -> None:
+    name = spec.name
+    if not is_settings_class(spec.settings):
+        raise InvalidBackendError(
+            f"backend {name!r}: settings={spec.settings!r} must be a subclass of "
+            f"moe_a2a.backends.BackendSettings (a frozen pydantic model); fix: declare one, or "
+            f"leave the default NoSettings")
+    attrs = set(spec.settings.model_fields)
+    if not isinstance(spec.settings_fields, Mapping):
+        raise InvalidBackendError(f"backend {name!r}: settings_fields must be a mapping "
+                                  f"settings attribute -> server-argument field")
+    unknown = sorted(set(spec.settings_fields) - attrs)
+    if unknown:
+        raise InvalidBackendError(
+            f"backend {name!r}: settings_fields names {unknown}, which {spec.settings.__name__} "
+            f"does not have (attributes: {sorted(attrs) or 'none'}); fix: map existing attributes")
+    object.__setattr__(spec, "settings_fields", {str(k): str(v) for k, v in spec.settings_fields.items()})
+    if spec.mode_setting is not None and spec.mode_setting not in attrs:
+        raise InvalidBackendError(
+            f"backend {name!r}: mode_setting={spec.mode_setting!r} is not an attribute of "
+            f"{spec.settings.__name__}; fix: name the attribute that holds the mode")
+    if spec.mode_setting is not None and not spec.has_modes:
+        raise InvalidBackendError(
+            f"backend {name!r}: mode_setting={spec.mode_setting!r} but modes={list(spec.modes)}; "
+            f"fix: list the backend's modes, or drop mode_setting")
+    rules = tuple(spec.capacities) if not isinstance(spec.capacities, CapacityRule) else (spec.capacities,)
+    for rule in rules:
+        if not isinstance(rule, CapacityRule):
+            raise InvalidBackendError(f"backend {name!r}: capacities entry {rule!r} must be a "
+                                      f"moe_a2a.backends.CapacityRule")
+        if rule.setting not in attrs:
+            raise InvalidBackendError(
+                f"backend {name!r}: capacity setting {rule.setting!r} is not an attribute of "
+                f"{spec.settings.__name__} (attributes: {sorted(attrs) or 'none'})")
+        bad = [m for m in (rule.modes or ()) if m not in spec.modes]
+        if bad:
+            raise InvalidBackendError(f"backend {name!r}: capacity {rule.setting!r} names modes "
+                                      f"{bad} that are not in modes {list(spec.modes)}")
+    object.__setattr__(spec, "capacities", rules)
+    needs_fallback = any(r.over_capacity == "fallback" for r in rules)
+    if spec.fallback is not None:
+        object.__setattr__(spec, "fallback", validate_name(spec.fallback))
+        if spec.fallback == name:
+            raise InvalidBackendError(f"backend {name!r}: fallback cannot be the backend itself")
+    if needs_fallback and spec.fallback is None:
+        raise InvalidBackendError(
+            f"backend {name!r}: a capacity with over_capacity='fallback' needs fallback=<backend "
+            f"name>; fix: e.g. fallback='none'")
 
 
 def _check_dispatcher(name: str, dispatcher: Any) -> Union[str, type]:
@@ -306,8 +422,9 @@ def _check_dispatcher(name: str, dispatcher: Any) -> Union[str, type]:
         if not _is_dispatcher_class(dispatcher):
             raise InvalidBackendError(
                 f"backend {name!r}: dispatcher class {dispatcher.__module__}."
-                f"{dispatcher.__qualname__} does not subclass dispatchers.BaseDispatcher; "
-                f"fix: derive it from dispatchers.BaseDispatcher and implement dispatch/combine"
+                f"{dispatcher.__qualname__} does not subclass dispatchers.BaseDispatcher (or "
+                f"dispatchers.FusedMoE); fix: derive it from dispatchers.BaseDispatcher and "
+                f"implement dispatch/combine"
             )
         return dispatcher
     raise InvalidBackendError(

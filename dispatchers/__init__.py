@@ -1,27 +1,50 @@
 """Dispatchers: move tokens to the ranks that own their experts and back (torch only).
 
-Optional kernels (``deep_ep``, ``deep_gemm``) are imported lazily inside the dispatchers
-that need them, never at package import.
+Optional kernels (``deep_ep``, ``deep_gemm``) are imported lazily inside the backends that
+need them, never at package import.
 """
 
 from moe_a2a.dispatchers.base import (
     BaseDispatcher,
-    CombineInput,
     DispatcherSetup,
+    ExpertPlacement,
+    Pending,
+    ResourceOwner,
+)
+from moe_a2a.dispatchers.batch import BatchInfo, ForwardMode, PhysicalTopK, TopK, agree_batch
+from moe_a2a.dispatchers.communicator import CommSetup, Communicator
+from moe_a2a.dispatchers.errors import DispatcherError
+from moe_a2a.dispatchers.fused import FusedMoE
+from moe_a2a.dispatchers.groups import CommGroups
+from moe_a2a.dispatchers.outputs import (
+    CombineInput,
+    DeepEPLowLatencyOutput,
+    DeepEPNormalOutput,
     DispatchFormat,
     DispatchOutput,
-    ExpertPlacement,
-    TopK,
+    StandardDispatchOutput,
 )
-from moe_a2a.dispatchers.groups import CommGroups
 
 __all__ = [
     "BaseDispatcher",
+    "BatchInfo",
     "CombineInput",
     "CommGroups",
-    "DispatcherSetup",
+    "CommSetup",
+    "Communicator",
+    "DeepEPLowLatencyOutput",
+    "DeepEPNormalOutput",
     "DispatchFormat",
     "DispatchOutput",
+    "DispatcherError",
+    "DispatcherSetup",
     "ExpertPlacement",
+    "ForwardMode",
+    "FusedMoE",
+    "Pending",
+    "PhysicalTopK",
+    "ResourceOwner",
+    "StandardDispatchOutput",
     "TopK",
+    "agree_batch",
 ]

@@ -17,29 +17,25 @@ Send order is rank-major, token order within a destination rank, so the receiver
 ordered by source rank, then by the source's token order. All index building is vectorised
 (cumsum/scatter over the ``[T, W]`` destination mask); no Python loop runs per token.
 
-Buffers reused across steps (grow-only, per device): the ``[2W]`` int64 count buffer (the
-send counts and the received counts sit side by side, so one ``tolist()`` reads both), the
-``arange`` index grids, and the fp32 accumulator of ``combine`` when the output dtype is not
-fp32 (the returned tensor is always a fresh one). Tensors handed to the caller (received rows,
-metadata, outputs) are never reused, so overlapping micro-batches stay safe.
+Buffers reused across steps and layers (grow-only, owned by the process's communicator): the
+``[2W]`` int64 count buffer (the send counts and the received counts sit side by side, so one
+``tolist()`` reads both), the ``arange`` index grids, and the fp32 accumulator of ``combine``
+when the output dtype is not fp32 (the returned tensor is always a fresh one). Tensors handed
+to the caller (received rows, metadata, outputs) are never reused, so overlapping micro-batches
+stay safe.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Tuple
 
 import torch
 
-from moe_a2a.dispatchers.base import (
-    BaseDispatcher,
-    CombineInput,
-    DispatcherError,
-    DispatcherSetup,
-    DispatchFormat,
-    DispatchOutput,
-    TopK,
-)
+from moe_a2a.dispatchers.base import BaseDispatcher, DispatcherSetup
+from moe_a2a.dispatchers.batch import BatchInfo, PhysicalTopK
+from moe_a2a.dispatchers.errors import DispatcherError
+from moe_a2a.dispatchers.outputs import CombineInput, StandardDispatchOutput
 from moe_a2a.dispatchers.collectives import all_to_all_counts, all_to_all_v, pack_topk, unpack_topk
 from moe_a2a.dispatchers.checks import check_dispatch_inputs, check_packable, combine_handle
 
@@ -80,13 +76,11 @@ class AllToAllHandle:
 class AllToAllDispatcher(BaseDispatcher):
     """Exact-split ``all_to_all_single`` over the EP group (gloo or nccl).
 
-    ``setup.options`` keys: none.
-
     Raises:
         AllToAllLayoutError: ``moe_tp_size != 1`` or ``ep_size != world_size``.
     """
 
-    format = DispatchFormat.ALLTOALL
+    output_class = StandardDispatchOutput
     token_layout = "scattered"
 
     def __init__(self, setup: DispatcherSetup) -> None:
@@ -103,36 +97,23 @@ class AllToAllDispatcher(BaseDispatcher):
         self.groups = g
         self.group = g.ep_group
         self.ep_size = g.ep_size
-        self._counts: Dict[torch.device, torch.Tensor] = {}
-        self._aranges: Dict[torch.device, torch.Tensor] = {}
-        self._accumulators: Dict[torch.device, torch.Tensor] = {}
 
-    # -- reusable buffers ---------------------------------------------------------------
+    # -- reusable buffers (the communicator's, shared by every layer) -----------------------
 
     def _count_buffer(self, device: torch.device) -> torch.Tensor:
-        buf = self._counts.get(device)
-        if buf is None:
-            buf = torch.zeros(2 * self.ep_size, dtype=torch.int64, device=device)
-            self._counts[device] = buf
-        return buf
+        return self.comm.scratch("alltoall.counts", 2 * self.ep_size, torch.int64, device)
 
     def _arange(self, n: int, device: torch.device) -> torch.Tensor:
-        buf = self._aranges.get(device)
-        if buf is None or buf.numel() < n:
-            buf = torch.arange(max(n, 2 * self.ep_size, 64), dtype=torch.int64, device=device)
-            self._aranges[device] = buf
-        return buf[:n]
+        return self.comm.arange(n, device)
 
     def _accumulator(self, rows: int, hidden: int, device: torch.device) -> torch.Tensor:
-        buf = self._accumulators.get(device)
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != hidden:
-            buf = torch.empty(max(rows, 1), hidden, dtype=torch.float32, device=device)
-            self._accumulators[device] = buf
-        return buf[:rows].zero_()
+        flat = self.comm.scratch("alltoall.accumulator", rows * hidden, torch.float32, device)
+        return flat.view(rows, hidden).zero_()
 
     # -- dispatch / combine -------------------------------------------------------------
 
-    def dispatch(self, hidden_states: torch.Tensor, topk: TopK) -> DispatchOutput:
+    def dispatch(self, hidden_states: torch.Tensor, topk: PhysicalTopK, *,
+                 batch: BatchInfo) -> StandardDispatchOutput:
         """Send each token once to every EP rank that owns one of its experts.
 
         Args:
@@ -140,8 +121,9 @@ class AllToAllDispatcher(BaseDispatcher):
                 ``T`` may be 0.
             topk: ``ids [T, K]`` int64 global physical expert ids in ``[0, E)``, ``-1`` = no
                 expert in this column (ignored); ``weights [T, K]`` float32.
+            batch: the step's facts (not needed: the exact splits are exchanged per call).
         Returns:
-            ``DispatchOutput`` (format ``ALLTOALL``) with ``R`` received rows ordered by source
+            ``StandardDispatchOutput`` with ``R`` received rows ordered by source
             rank, then by the source's token order: ``hidden_states [R, H]`` (input dtype),
             ``topk_ids [R, K]`` int64 ids local to this rank (``-1`` = expert on another rank
             or no expert), ``topk_weights [R, K]`` float32 (0 where the id is ``-1``),
@@ -200,9 +182,9 @@ class AllToAllDispatcher(BaseDispatcher):
         recv_ids, recv_weights = unpack_topk(recv_meta, top_k)
         handle = AllToAllHandle(num_tokens=num_tokens, send_token_index=send_token,
                                 send_splits=send_splits, recv_splits=recv_splits)
-        return self._dispatch_output(recv_hidden, recv_ids, recv_weights, handle)
+        return self._standard_output(recv_hidden, recv_ids, recv_weights, handle)
 
-    def combine(self, combine_input: CombineInput) -> torch.Tensor:
+    def combine(self, combine_input: CombineInput, *, batch: BatchInfo) -> torch.Tensor:
         """Return each row's output to its origin and sum per token in token order.
 
         Args:

@@ -1,33 +1,41 @@
-"""Dispatcher interface and its frozen metadata.
+"""Dispatcher interface (contract v2).
+
+A dispatcher moves this rank's tokens to the ranks that own their experts and the results
+back. It is a thin per-layer view of the process's :class:`Communicator` (which owns the
+buffers), declares the output class it returns, and receives the step's agreed facts as
+``batch=`` (``BatchInfo``). Fused backends (dispatch + experts + combine in one kernel)
+implement :class:`moe_a2a.dispatchers.fused.FusedMoE` instead.
 
 Shape names used across the package:
 
 * ``T``  tokens this rank holds before dispatch (its attention batch, or its slice of it)
-* ``H``  hidden size, ``K`` top-k, ``E`` global (physical) routed experts,
+* ``H``  hidden size, ``K`` top-k columns, ``E`` global (physical) experts,
   ``E_local = E // ep_size`` experts on this rank
 * ``R``  rows a dispatcher hands to the experts on this rank
-
-Expert ids in a dispatch output are *local* (``0 <= id < E_local``); ``-1`` means
-"this (row, k) pair is computed elsewhere" and carries weight 0 for this rank.
 """
 
 from __future__ import annotations
 
 import abc
-import enum
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, Callable, ClassVar, Generic, Optional, Tuple, Type, TypeVar
 
 import torch
 
+from moe_a2a.dispatchers.batch import BatchInfo, PhysicalTopK, TopK
+from moe_a2a.dispatchers.communicator import CommSetup, Communicator
+from moe_a2a.dispatchers.errors import DispatcherError
 from moe_a2a.dispatchers.groups import CommGroups
+from moe_a2a.dispatchers.outputs import (
+    CombineInput,
+    DeepEPLowLatencyOutput,
+    DeepEPNormalOutput,
+    DispatchFormat,
+    DispatchOutput,
+    StandardDispatchOutput,
+)
 
-
-class DispatchFormat(str, enum.Enum):
-    STANDARD = "standard"
-    ALLTOALL = "alltoall"
-    DEEPEP_NORMAL = "deepep_normal"
-    DEEPEP_LL = "deepep_ll"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -40,12 +48,12 @@ class ExpertPlacement:
 
     def __post_init__(self) -> None:
         if self.num_experts <= 0 or self.ep_size <= 0 or self.num_experts % self.ep_size:
-            raise ValueError(
+            raise DispatcherError(
                 f"num_experts={self.num_experts} cannot be split evenly over ep_size={self.ep_size}: "
                 f"choose num_experts divisible by ep_size (or change ep_size)"
             )
         if not 0 <= self.ep_rank < self.ep_size:
-            raise ValueError(f"ep_rank={self.ep_rank} is outside [0, ep_size={self.ep_size})")
+            raise DispatcherError(f"ep_rank={self.ep_rank} is outside [0, ep_size={self.ep_size})")
 
     @property
     def num_local_experts(self) -> int:
@@ -62,33 +70,20 @@ class ExpertPlacement:
         return torch.where(mine, local, torch.full_like(local, -1))
 
 
-@dataclass(frozen=True)
-class TopK:
-    """The router's choice for ``T`` tokens.
+@dataclass(frozen=True, kw_only=True)
+class DispatcherSetup:
+    """Everything one layer's dispatcher (or fused backend) needs to be built.
 
     Attributes:
-        ids: ``[T, K]`` int64 global physical expert ids; ``-1`` = no expert in this column.
-        weights: ``[T, K]`` float32 weights (routed scaling factor already applied).
-    """
-
-    ids: torch.Tensor
-    weights: torch.Tensor
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.ids.shape[0])
-
-    @property
-    def top_k(self) -> int:
-        return int(self.ids.shape[1])
-
-
-@dataclass(frozen=True)
-class DispatcherSetup:
-    """Everything a dispatcher needs to be built; created once per layer stack.
-
-    ``options`` carries backend-specific settings taken from the resolved server
-    arguments (e.g. ``deepep_mode``, capacities); each dispatcher documents its keys.
+        groups: this process's groups.
+        num_experts: physical experts over all ranks (``E``).
+        top_k: columns per token the router hands over (routed + fused shared).
+        hidden_size: ``H``.
+        dtype: activation dtype.
+        device: this process's device.
+        settings: the backend's typed settings (``BackendSpec.settings`` instance), or None.
+        communicator: the process's communicator for this backend; None builds a private one
+            that the dispatcher owns and closes (convenient for a lone layer or a test).
     """
 
     groups: CommGroups
@@ -97,42 +92,17 @@ class DispatcherSetup:
     hidden_size: int
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    options: Mapping[str, Any] = field(default_factory=dict)
+    settings: Any = None
+    communicator: Optional[Communicator] = None
 
     @property
     def placement(self) -> ExpertPlacement:
         return ExpertPlacement(self.num_experts, self.groups.ep_size, self.groups.ep_rank)
 
-
-@dataclass(frozen=True)
-class DispatchOutput:
-    """What the experts consume.
-
-    Attributes:
-        format: which dispatcher produced it.
-        hidden_states: ``[R, H]`` activations, the dispatcher's dtype.
-        topk_ids: ``[R, K]`` int64 local expert ids, ``-1`` = computed on another rank.
-        topk_weights: ``[R, K]`` float32 router weights (0 where ``topk_ids == -1``).
-        tokens_per_expert: ``[E_local]`` int64, number of (row, k) pairs per local expert.
-        pair_order: ``[R * K]`` int64 indices into ``topk_ids.flatten()`` (``row * K + k``):
-            the first ``P = tokens_per_expert.sum()`` are the routed-here pairs grouped by local
-            expert (stable within an expert), the rest are the ``-1`` pairs. With
-            ``tokens_per_expert`` it is the grouped-GEMM layout; computing it needs no
-            device-to-host read (``P`` is known once a consumer reads the counts).
-        handle: dispatcher-private state that ``combine`` needs; opaque to everyone else.
-    """
-
-    format: DispatchFormat
-    hidden_states: torch.Tensor
-    topk_ids: torch.Tensor
-    topk_weights: torch.Tensor
-    tokens_per_expert: torch.Tensor
-    pair_order: torch.Tensor
-    handle: Any = None
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.hidden_states.shape[0])
+    def comm_setup(self) -> CommSetup:
+        return CommSetup(groups=self.groups, device=self.device, num_experts=self.num_experts,
+                         top_k=self.top_k, hidden_size=self.hidden_size, dtype=self.dtype,
+                         settings=self.settings)
 
 
 def group_pairs_by_expert(local_ids: torch.Tensor, num_local_experts: int):
@@ -141,7 +111,8 @@ def group_pairs_by_expert(local_ids: torch.Tensor, num_local_experts: int):
     Args:
         local_ids: ``[R, K]`` int64 local expert ids, ``-1`` = not here.
     Returns:
-        ``(pair_order [R*K] int64, tokens_per_expert [E_local] int64)``, see ``DispatchOutput``.
+        ``(pair_order [R*K] int64, tokens_per_expert [E_local] int64)``, see
+        ``StandardDispatchOutput``.
     """
     flat = local_ids.reshape(-1)
     key = torch.where(flat >= 0, flat, torch.full_like(flat, num_local_experts))  # "not here" last
@@ -150,63 +121,137 @@ def group_pairs_by_expert(local_ids: torch.Tensor, num_local_experts: int):
     return order, tokens_per_expert
 
 
-@dataclass(frozen=True)
-class CombineInput:
-    """Expert results to send back.
+class Pending(Generic[T]):
+    """The result of an ``*_async`` call: ``wait()`` returns it (once computed)."""
 
-    Attributes:
-        expert_output: ``[R, H]`` per dispatched row, the weighted sum over that row's
-            local experts (weights already applied), same dtype as the dispatch output.
-        dispatch_output: the ``DispatchOutput`` these rows came from.
-    """
+    def __init__(self, compute: Callable[[], T]) -> None:
+        self._compute: Optional[Callable[[], T]] = compute
+        self._value: Optional[T] = None
 
-    expert_output: torch.Tensor
-    dispatch_output: DispatchOutput
+    @classmethod
+    def ready(cls, value: T) -> "Pending[T]":
+        pending: Pending[T] = cls(lambda: value)
+        pending.wait()
+        return pending
+
+    @property
+    def done(self) -> bool:
+        return self._compute is None
+
+    def wait(self) -> T:
+        if self._compute is not None:
+            self._value = self._compute()
+            self._compute = None
+        return self._value  # type: ignore[return-value]
 
 
-class BaseDispatcher(abc.ABC):
+class ResourceOwner:
+    """Shared by dispatchers and fused backends: the communicator, owned or shared."""
+
+    communicator_class: ClassVar[Type[Communicator]] = Communicator
+
+    def _attach(self, setup: DispatcherSetup) -> None:
+        self.setup = setup
+        self.placement = setup.placement
+        comm = setup.communicator
+        self._owns_comm = comm is None
+        if comm is None:
+            comm = self.communicator_class(setup.comm_setup())
+        elif not isinstance(comm, self.communicator_class):
+            raise DispatcherError(
+                f"{type(self).__name__} needs a {self.communicator_class.__name__}, got a "
+                f"{type(comm).__name__}; fix: build the communicator from the same backend")
+        comm.check_serves(setup.groups, setup.device, type(self).__name__)
+        self.comm = comm
+
+    @classmethod
+    def check_runnable(cls, device: str) -> Tuple[bool, str]:
+        """``(ok, reason)``: can this class run on ``device`` here (beyond the spec's data)?"""
+        return True, ""
+
+    def close(self) -> None:
+        """Close the communicator if this object owns it (a shared one is the stack's)."""
+        if getattr(self, "_owns_comm", False):
+            self.comm.close()
+
+
+class BaseDispatcher(ResourceOwner, abc.ABC):
     """Moves tokens to the ranks that own their experts, and the results back.
 
     ``dispatch`` takes this rank's tokens in the layout its backend declares
     (``token_layout``) and ``combine`` returns ``[T, H]`` in the same order. A rank with
     ``T == 0`` is normal: it still takes part in every collective.
+
+    Class attributes:
+        output_class: the ``DispatchOutput`` subclass ``dispatch`` returns (checked when the
+            backend is registered or loaded).
+        communicator_class: the ``Communicator`` subclass that owns this backend's buffers.
+        token_layout: ``"replicated"`` / ``"scattered"`` (None = any); the layer refuses to
+            build when it contradicts the backend spec.
     """
 
-    format: DispatchFormat
-    # The layout this class implements ("replicated" / "scattered"); None = any. EPMoE refuses
-    # to build when it contradicts the backend spec that named the class.
+    output_class: ClassVar[Type[DispatchOutput]]
     token_layout: ClassVar[Optional[str]] = None
 
     def __init__(self, setup: DispatcherSetup) -> None:
-        self.setup = setup
-        self.placement = setup.placement
+        self._attach(setup)
 
-    def _dispatch_output(self, hidden_states: torch.Tensor, local_ids: torch.Tensor,
-                         local_weights: torch.Tensor, handle: Any) -> DispatchOutput:
-        """Group the rows' pairs by local expert and wrap everything in a ``DispatchOutput``."""
-        pair_order, tokens_per_expert = group_pairs_by_expert(
-            local_ids, self.placement.num_local_experts)
-        return DispatchOutput(format=self.format, hidden_states=hidden_states, topk_ids=local_ids,
-                              topk_weights=local_weights, tokens_per_expert=tokens_per_expert,
-                              pair_order=pair_order, handle=handle)
+    @property
+    def format(self) -> DispatchFormat:
+        return self.output_class.format
 
     @abc.abstractmethod
-    def dispatch(self, hidden_states: torch.Tensor, topk: TopK) -> DispatchOutput:
+    def dispatch(self, hidden_states: torch.Tensor, topk: PhysicalTopK, *,
+                 batch: BatchInfo) -> DispatchOutput:
         """Args:
             hidden_states: ``[T, H]`` this rank's tokens.
-            topk: the router's choice for those ``T`` tokens (global physical ids).
+            topk: the routing choice for those ``T`` tokens (global physical ids).
+            batch: the step's agreed facts.
+        Returns:
+            an instance of ``output_class``.
         """
 
     @abc.abstractmethod
-    def combine(self, combine_input: CombineInput) -> torch.Tensor:
+    def combine(self, combine_input: CombineInput, *, batch: BatchInfo) -> torch.Tensor:
         """Returns ``[T, H]``: for each input token, the sum of its experts' weighted outputs."""
 
-    def options(self) -> Mapping[str, Any]:
-        return self.setup.options
+    def dispatch_async(self, hidden_states: torch.Tensor, topk: PhysicalTopK, *,
+                       batch: BatchInfo) -> Pending[DispatchOutput]:
+        """Start ``dispatch``; ``wait()`` gives its output. The default runs it synchronously;
+        a backend with asynchronous kernels overrides this to overlap with other work."""
+        return Pending.ready(self.dispatch(hidden_states, topk, batch=batch))
+
+    def combine_async(self, combine_input: CombineInput, *,
+                      batch: BatchInfo) -> Pending[torch.Tensor]:
+        """Start ``combine``; ``wait()`` gives ``[T, H]`` (synchronous by default)."""
+        return Pending.ready(self.combine(combine_input, batch=batch))
+
+    def _standard_output(self, hidden_states: torch.Tensor, local_ids: torch.Tensor,
+                         local_weights: torch.Tensor, handle: Any) -> StandardDispatchOutput:
+        """Group the rows' pairs by local expert and wrap everything in the standard format."""
+        pair_order, tokens_per_expert = group_pairs_by_expert(
+            local_ids, self.placement.num_local_experts)
+        return StandardDispatchOutput(hidden_states=hidden_states, topk_ids=local_ids,
+                                      topk_weights=local_weights,
+                                      tokens_per_expert=tokens_per_expert,
+                                      pair_order=pair_order, handle=handle)
 
 
-class DispatcherError(ValueError):
-    """A user-fixable dispatcher problem (bad sizes, unsupported layout, mismatched inputs).
-
-    The message names the value(s) seen, the constraint, and how to fix it.
-    """
+__all__ = [
+    "BaseDispatcher",
+    "BatchInfo",
+    "CombineInput",
+    "DeepEPLowLatencyOutput",
+    "DeepEPNormalOutput",
+    "DispatchFormat",
+    "DispatchOutput",
+    "DispatcherError",
+    "DispatcherSetup",
+    "ExpertPlacement",
+    "Pending",
+    "PhysicalTopK",
+    "ResourceOwner",
+    "StandardDispatchOutput",
+    "TopK",
+    "group_pairs_by_expert",
+]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from moe_a2a.dispatchers.base import CombineInput, DispatcherError, TopK
+from moe_a2a.dispatchers.batch import PhysicalTopK
+from moe_a2a.dispatchers.errors import DispatcherError
+from moe_a2a.dispatchers.outputs import CombineInput
 from moe_a2a.dispatchers.collectives import MAX_PACKED_EXPERT_ID
 
 
-def check_dispatch_inputs(hidden_states: torch.Tensor, topk: TopK, hidden_size: int) -> None:
+def check_dispatch_inputs(hidden_states: torch.Tensor, topk: PhysicalTopK, hidden_size: int) -> None:
     """Shape checks shared by the dispatchers (host metadata only, no device read)."""
     if hidden_states.dim() != 2:
         raise DispatcherError(
@@ -44,19 +46,17 @@ def check_packable(num_experts: int) -> None:
 
 
 def combine_handle(combine_input: CombineInput, cls: type, name: str):
-    """The ``cls`` handle of the dispatch output, after checking ``expert_output`` is ``[R, H]``."""
+    """The ``cls`` handle of the dispatch output, after checking ``expert_output``'s shape."""
+    if not isinstance(combine_input, CombineInput):
+        raise DispatcherError(f"{name}.combine needs a CombineInput, got "
+                              f"{type(combine_input).__name__}")
     dispatched = combine_input.dispatch_output
     handle = getattr(dispatched, "handle", None)
     if not isinstance(handle, cls):
         raise DispatcherError(
-            f"{name}.combine got a dispatch output of format "
-            f"{getattr(dispatched, 'format', None)!r} with handle {type(handle).__name__}; "
-            f"fix: pass the DispatchOutput that this dispatcher's dispatch() returned"
+            f"{name}.combine got a {type(dispatched).__name__} with handle "
+            f"{type(handle).__name__}; fix: pass the output that this dispatcher's dispatch() "
+            f"returned"
         )
-    out = combine_input.expert_output
-    if out.dim() != 2 or out.shape[0] != dispatched.num_rows:
-        raise DispatcherError(
-            f"expert_output has shape {tuple(out.shape)}; expected [{dispatched.num_rows}, H] "
-            f"(one row per dispatched row)"
-        )
+    dispatched.check_expert_output(combine_input.expert_output, f"{name}.combine")
     return handle

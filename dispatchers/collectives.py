@@ -44,7 +44,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from moe_a2a.dispatchers.base import DispatcherError
+from moe_a2a.dispatchers.errors import DispatcherError
 
 ProcessGroup = Any
 
@@ -55,6 +55,7 @@ __all__ = [
     "all_to_all_counts",
     "all_to_all_v",
     "exchange_sizes",
+    "gather_into",
     "group_backend",
     "group_rank",
     "group_size",
@@ -78,7 +79,8 @@ _all_gather_single = getattr(dist, "all_gather_single", None)
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None)
 
 
-def _gather_into(out: torch.Tensor, inp: torch.Tensor, group: ProcessGroup) -> None:
+def gather_into(out: torch.Tensor, inp: torch.Tensor, group: ProcessGroup) -> None:
+    """All-gather ``inp`` (same shape on every rank) into ``out`` (``[world * N, *]``)."""
     if _all_gather_single is not None:
         _all_gather_single(out, inp, group=group)
     else:
@@ -178,7 +180,7 @@ def exchange_sizes(num_rows: int, group: Optional[ProcessGroup],
     world = group_size(group)
     mine = torch.tensor([int(num_rows)], dtype=torch.int64, device=device)
     everyone = torch.empty(world, dtype=torch.int64, device=device)
-    _gather_into(everyone, mine, group)
+    gather_into(everyone, mine, group)
     return everyone.tolist()
 
 
@@ -218,7 +220,7 @@ def all_gather_known_sizes(x: torch.Tensor, sizes: Sequence[int],
         padded[:n] = x
         src = padded
     out = x.new_empty((world * biggest, *rest))
-    _gather_into(_move_view(out, group), _move_view(src, group), group)
+    gather_into(_move_view(out, group), _move_view(src, group), group)
     if uniform:
         return out
     return torch.cat([out[r * biggest: r * biggest + s] for r, s in enumerate(sizes)])

@@ -14,9 +14,11 @@ the partial outputs over *all* ranks of the world:
   over every rank, and each rank ends with its DP rank's rows only.
 
 Communication per step: none on one rank; without DP attention one all-reduce; under DP
-attention one small size exchange and two all-gathers (hidden; ids+weights packed into one
-float32 tensor) in dispatch, one reduce-scatter and one all-reduce in combine. The sizes are
-kept in the handle, so combine reads nothing from the device.
+attention two all-gathers (hidden; ids+weights packed into one float32 tensor) in dispatch, one
+reduce-scatter and one all-reduce in combine. The DP ranks' sizes come from the step's agreed
+``BatchInfo`` (one exchange per step, not per layer), so dispatch and combine read nothing from
+the device and the layer can run inside a CUDA graph; only a batch that was not agreed costs a
+size exchange with a host read.
 """
 
 from __future__ import annotations
@@ -26,14 +28,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from moe_a2a.dispatchers.base import (
-    BaseDispatcher,
-    CombineInput,
-    DispatcherSetup,
-    DispatchFormat,
-    DispatchOutput,
-    TopK,
-)
+from moe_a2a.dispatchers.base import BaseDispatcher, DispatcherSetup
+from moe_a2a.dispatchers.batch import BatchInfo, PhysicalTopK
+from moe_a2a.dispatchers.errors import DispatcherError
+from moe_a2a.dispatchers.outputs import CombineInput, StandardDispatchOutput
 from moe_a2a.dispatchers.checks import check_dispatch_inputs, check_packable, combine_handle
 from moe_a2a.dispatchers.collectives import (
     all_gather_known_sizes,
@@ -61,12 +59,9 @@ class StandardHandle:
 
 
 class StandardDispatcher(BaseDispatcher):
-    """Replicated layout; local experts only; partial sums reduced over the world.
+    """Replicated layout; local experts only; partial sums reduced over the world."""
 
-    ``setup.options`` keys: none.
-    """
-
-    format = DispatchFormat.STANDARD
+    output_class = StandardDispatchOutput
     token_layout = "replicated"
 
     def __init__(self, setup: DispatcherSetup) -> None:
@@ -74,7 +69,8 @@ class StandardDispatcher(BaseDispatcher):
         check_packable(setup.num_experts)
         self.groups = setup.groups
 
-    def dispatch(self, hidden_states: torch.Tensor, topk: TopK) -> DispatchOutput:
+    def dispatch(self, hidden_states: torch.Tensor, topk: PhysicalTopK, *,
+                 batch: BatchInfo) -> StandardDispatchOutput:
         """Gather the DP batches (under DP attention) and mask the experts of other EP ranks.
 
         Args:
@@ -82,8 +78,9 @@ class StandardDispatcher(BaseDispatcher):
                 attention-TP ranks of the DP rank. ``T`` may be 0.
             topk: ``ids [T, K]`` int64 global physical expert ids (``-1`` = no expert in this
                 column), ``weights [T, K]`` float32.
+            batch: the step's facts; when agreed, its ``dp_num_tokens`` are the DP ranks' sizes.
         Returns:
-            ``DispatchOutput`` (format ``STANDARD``) with ``R = T`` rows, or under DP attention
+            ``StandardDispatchOutput`` with ``R = T`` rows, or under DP attention
             ``R = sum over DP ranks of T`` rows in DP-rank order: ``hidden_states [R, H]``
             (input dtype), ``topk_ids [R, K]`` int64 local ids (``-1`` = expert on another
             EP rank, or no expert), ``topk_weights [R, K]`` float32 (0 where the id is ``-1``),
@@ -97,16 +94,34 @@ class StandardDispatcher(BaseDispatcher):
         weights = topk.weights.to(torch.float32)
         dp_sizes = None
         if g.dp_attention and g.attn_dp_group is not None:
-            dp_sizes = tuple(exchange_sizes(num_tokens, g.attn_dp_group, hidden_states.device))
+            dp_sizes = self._dp_sizes(num_tokens, batch, hidden_states.device)
             hidden_states = all_gather_known_sizes(hidden_states, dp_sizes, g.attn_dp_group)
             packed = all_gather_known_sizes(pack_topk(ids, weights), dp_sizes, g.attn_dp_group)
             ids, weights = unpack_topk(packed, top_k)
         local_ids = self.placement.to_local(ids)
         local_weights = torch.where(local_ids >= 0, weights, torch.zeros_like(weights))
-        return self._dispatch_output(hidden_states, local_ids, local_weights,
+        return self._standard_output(hidden_states, local_ids, local_weights,
                                      StandardHandle(num_tokens=num_tokens, dp_sizes=dp_sizes))
 
-    def combine(self, combine_input: CombineInput) -> torch.Tensor:
+    def _dp_sizes(self, num_tokens: int, batch: BatchInfo, device: torch.device) -> Tuple[int, ...]:
+        g = self.groups
+        if batch.agreed:
+            sizes = batch.dp_num_tokens
+            if len(sizes) != g.dp_size or sizes[g.dp_rank] != num_tokens:
+                raise DispatcherError(
+                    f"StandardDispatcher: the step's BatchInfo gives DP sizes {list(sizes)} but "
+                    f"this DP rank ({g.dp_rank} of {g.dp_size}) dispatches {num_tokens} tokens; "
+                    f"fix: agree the batch with this rank's token count (the replicated layout "
+                    f"dispatches the whole DP batch)")
+            return tuple(sizes)
+        if batch.capturing:
+            raise DispatcherError(
+                "StandardDispatcher under DP attention inside a CUDA graph needs the DP sizes "
+                "from an agreed BatchInfo (exchanging them reads the device); fix: agree the "
+                "batch before capture (MoEStack.begin_step)")
+        return tuple(exchange_sizes(num_tokens, g.attn_dp_group, device))
+
+    def combine(self, combine_input: CombineInput, *, batch: BatchInfo) -> torch.Tensor:
         """Sum the partial outputs over every rank; keep this DP rank's rows.
 
         Args:

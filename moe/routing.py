@@ -1,4 +1,8 @@
-"""Routing: router logits → ``dispatchers.TopK`` (global expert ids and their weights).
+"""Routing: router logits → :class:`LogicalTopK` (logical expert ids and their weights).
+
+Routing stages are types: the router returns ``LogicalTopK`` (what routed-experts capture and
+the EPLB recorder see); ``moe_a2a.remap`` alone turns it into ``dispatchers.PhysicalTopK``
+(EPLB's logical→physical placement, fused shared-expert columns), what dispatchers see.
 
 Two scoring rules cover the supported models:
 
@@ -27,7 +31,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from moe_a2a.dispatchers.base import TopK
 from moe_a2a.errors import MoeA2AError
 
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -35,6 +38,28 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 #: Added to the renormalisation denominator (as DeepSeek-V3 does); a no-op unless the kept
 #: scores are all ~0.
 RENORM_EPS = 1e-20
+
+
+@dataclass(frozen=True)
+class LogicalTopK:
+    """The router's choice for ``T`` tokens, in *logical* expert ids.
+
+    Attributes:
+        ids: ``[T, K]`` int64 logical expert ids in ``[0, E)`` (no ``-1``), columns in the
+            router's order (descending selection score).
+        weights: ``[T, K]`` float32 (renormalised if configured, times the routed scaling factor).
+    """
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.ids.shape[1])
 
 
 @dataclass(frozen=True)
@@ -165,7 +190,7 @@ def _check_inputs(logits: torch.Tensor, config: RouterConfig, bias: Optional[tor
 
 
 def route(router_logits: torch.Tensor, config: RouterConfig,
-          correction_bias: Optional[torch.Tensor] = None) -> TopK:
+          correction_bias: Optional[torch.Tensor] = None) -> LogicalTopK:
     """Pick ``K`` experts per token.
 
     Args:
@@ -174,7 +199,7 @@ def route(router_logits: torch.Tensor, config: RouterConfig,
         correction_bias: ``[E]`` float, required iff ``config.has_correction_bias``; added to
             the scores for selection only.
     Returns:
-        ``TopK`` with ``ids [T, K]`` int64 global expert ids (no ``-1``) and ``weights [T, K]``
+        ``LogicalTopK`` with ``ids [T, K]`` int64 logical expert ids (no ``-1``) and ``weights [T, K]``
         float32 (renormalised if configured, times ``routed_scaling_factor``), columns sorted
         by descending selection score.
     """
@@ -195,7 +220,7 @@ def route(router_logits: torch.Tensor, config: RouterConfig,
         weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
     if config.routed_scaling_factor != 1.0:
         weights = weights * config.routed_scaling_factor
-    return TopK(ids=ids.to(torch.int64), weights=weights.to(torch.float32).contiguous())
+    return LogicalTopK(ids=ids.to(torch.int64), weights=weights.to(torch.float32).contiguous())
 
 
 def _mask_groups(choice: torch.Tensor, config: RouterConfig) -> torch.Tensor:
@@ -211,4 +236,4 @@ def _mask_groups(choice: torch.Tensor, config: RouterConfig) -> torch.Tensor:
     return choice.masked_fill(~expert_mask, float("-inf"))
 
 
-__all__ = ["RouterConfig", "SCORING_FUNCS", "compute_router_logits", "default_groups", "route"]
+__all__ = ["LogicalTopK", "RouterConfig", "SCORING_FUNCS", "compute_router_logits", "default_groups", "route"]

@@ -71,14 +71,14 @@ class _Oracle:
         return reference_moe(x, self.weights, self.router)[0]
 
 
-def _build_layers(plan: RunPlan, args, ctx, dtype):
-    """Build the EP layers and their oracles (same seeded weights on every rank)."""
-    from moe_a2a.layer import EPMoE
+def _build_stack(plan: RunPlan, args, ctx, dtype):
+    """Build the MoE stack and each layer's oracle (same seeded weights on every rank)."""
     from moe_a2a.routing import RouterConfig
+    from moe_a2a.stack import MoEStack
     from moe_a2a.weights import MoEWeights
 
     shape = plan.shape
-    layers, oracles = [], []
+    all_weights, routers, oracles = [], [], []
     for layer_id in range(shape.num_layers):
         seed = plan.seed * 1000 + layer_id
         if shape.hf_config is not None:
@@ -98,8 +98,9 @@ def _build_layers(plan: RunPlan, args, ctx, dtype):
                                         shape.intermediate_size, shape.shared_intermediate_size,
                                         seed=seed, dtype=dtype, with_correction_bias=True)
             oracles.append(_Oracle(weights, router, None, ctx.device))
-        layers.append(EPMoE.build(weights, router, args, ctx, layer_id=layer_id, dtype=dtype))
-    return layers, oracles
+        all_weights.append(weights)
+        routers.append(router)
+    return MoEStack.build(all_weights, routers, args, ctx, dtype=dtype), oracles
 
 
 def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
@@ -119,10 +120,12 @@ def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world_size)))
     init_distributed(rank, world_size, backend=default_backend(device), init_method=init_method,
                      device=device)
+    stack = None
     try:
         sizes = ParallelSizes.from_server_args(args)
         ctx = make_parallel_context(sizes, rank, device)
-        layers, oracles = _build_layers(plan, args, ctx, dtype)
+        stack, oracles = _build_stack(plan, args, ctx, dtype)
+        layers = stack.layers
         groups = ctx.groups
         max_err, max_scale, worst_ratio = 0.0, 0.0, 0.0
         tokens, timed_tokens, ep_seconds = 0, 0, 0.0
@@ -135,6 +138,7 @@ def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
                 dist.barrier()
             _sync(device)
             timed = step > 0 or plan.steps == 1  # step 0 warms up (NCCL, allocator, kernels)
+            stack.begin_step(num_tokens)
             for layer, oracle in zip(layers, oracles):
                 start = time.perf_counter()
                 out = layer(h)
@@ -150,6 +154,7 @@ def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
                 max_err, max_scale = max(max_err, err), max(max_scale, scale)
                 worst_ratio = max(worst_ratio, err / tolerance(dtype, scale))
                 h = h + out
+            stack.end_step()
             if groups.attn_tp_rank == 0:
                 tokens += num_tokens
                 timed_tokens += num_tokens if timed else 0
@@ -188,8 +193,12 @@ def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
             "shape": dataclasses.asdict(plan.shape),
             "num_tokens": plan.num_tokens,
             "seed": plan.seed,
+            "layer_calls": stack.path_counts(),
+            "communicators": len(stack.communicators),
         }
     finally:
+        if stack is not None:
+            stack.close()
         destroy_distributed()
 
 

@@ -134,6 +134,25 @@ class ServerArgs:
         return self.tp_size // self.ep_size
 
     @property
+    def backend_settings(self) -> Any:
+        """The backend's typed settings (``spec.settings``), built from the fields its spec
+        maps (``spec.settings_fields``); a JSON-text field becomes the object it holds."""
+        spec = self.backend_spec
+        values = {}
+        for attr, field_name in spec.settings_fields.items():
+            value = getattr(self, field_name)
+            if field_name == "deepep_config" and value is not None:
+                value = json.loads(value)
+            values[attr] = value
+        try:
+            return spec.settings(**values)
+        except Exception as exc:  # pydantic's ValidationError: a registration mismatch
+            raise ConfigError(
+                f"backend {spec.name}: its settings {spec.settings.__name__} reject the resolved "
+                f"values {values}: {exc}; fix: the backend's settings_fields must map "
+                f"compatible server arguments") from None
+
+    @property
     def deepep_config_dict(self) -> Optional[dict]:
         """``deepep_config`` parsed (resolve already inlined a file's contents)."""
         return None if self.deepep_config is None else json.loads(self.deepep_config)

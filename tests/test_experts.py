@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from moe_a2a.dispatchers.base import DispatchFormat, DispatchOutput, ExpertPlacement, TopK, group_pairs_by_expert
+from moe_a2a.dispatchers import DeepEPLowLatencyOutput, DeepEPNormalOutput, ExpertPlacement, StandardDispatchOutput, TopK
+from moe_a2a.dispatchers.base import group_pairs_by_expert
 from moe_a2a.errors import MoeA2AError
 from moe_a2a.experts import ReferenceExperts, SharedExpert, UnsupportedDispatchFormat
 from moe_a2a.reference import reference_moe
@@ -25,15 +26,22 @@ def _routed_only(weights: MoEWeights) -> MoEWeights:
     return dataclasses.replace(weights, shared=None)
 
 
-def _local_dispatch(fmt, hidden, topk: TopK, placement: ExpertPlacement, rows=None) -> DispatchOutput:
+STANDARD, SUBSET = "standard", "subset"  # all tokens on every rank (none) / some rows (alltoall)
+
+
+def run_experts(local, out):
+    return ReferenceExperts()(out, local)
+
+
+def _local_dispatch(fmt, hidden, topk: TopK, placement: ExpertPlacement, rows=None) -> StandardDispatchOutput:
     """What a dispatcher hands this rank: all tokens (standard) or the given rows (alltoall)."""
     local = placement.to_local(topk.ids)
     weights = torch.where(local >= 0, topk.weights, torch.zeros_like(topk.weights))
     if rows is not None:
         hidden, local, weights = hidden[rows], local[rows], weights[rows]
     pair_order, tokens_per_expert = group_pairs_by_expert(local, placement.num_local_experts)
-    return DispatchOutput(format=fmt, hidden_states=hidden, topk_ids=local, topk_weights=weights,
-                          tokens_per_expert=tokens_per_expert, pair_order=pair_order)
+    return StandardDispatchOutput(hidden_states=hidden, topk_ids=local, topk_weights=weights,
+                                  tokens_per_expert=tokens_per_expert, pair_order=pair_order)
 
 
 def _distributed_routed(weights, hidden, topk, fmt, ep, tp, dtype=torch.float32):
@@ -43,13 +51,12 @@ def _distributed_routed(weights, hidden, topk, fmt, ep, tp, dtype=torch.float32)
     for ep_rank in range(ep):
         placement = ExpertPlacement(weights.num_experts, ep, ep_rank)
         rows = None
-        if fmt is DispatchFormat.ALLTOALL:
+        if fmt == SUBSET:
             mine = (placement.to_local(topk.ids) >= 0).any(dim=1).nonzero(as_tuple=True)[0]
             rows = mine[torch.randperm(mine.numel(), generator=gen)]
         out = _local_dispatch(fmt, hidden.to(dtype), topk, placement, rows)
         for tp_rank in range(tp):
-            experts = ReferenceExperts(weights.shard(placement, tp_rank, tp).to(dtype=dtype))
-            y = experts(out)
+            y = run_experts(weights.shard(placement, tp_rank, tp).to(dtype=dtype), out)
             assert y.shape == (out.num_rows, H) and y.dtype == dtype
             if rows is None:
                 total += y.float()
@@ -114,7 +121,7 @@ def test_shard_errors_name_values():
 # ---------------------------------------------------------------- experts vs reference
 
 
-@pytest.mark.parametrize("fmt", [DispatchFormat.STANDARD, DispatchFormat.ALLTOALL])
+@pytest.mark.parametrize("fmt", [STANDARD, SUBSET])
 @pytest.mark.parametrize("ep, tp", [(1, 1), (2, 1), (4, 1), (2, 2), (1, 3)])
 def test_reference_experts_match_reference_moe(fmt, ep, tp):
     weights = MoEWeights.random(E, H, I, seed=11, with_correction_bias=True)
@@ -130,9 +137,9 @@ def test_rows_without_local_experts_are_zero_and_minus_one_ignored():
     hidden = torch.randn(4, H)
     ids = torch.tensor([[0, 5], [6, 7], [3, 0], [4, 1]])
     topk = TopK(ids=ids, weights=torch.tensor([[0.5, 9.0], [1.0, 1.0], [0.25, 0.75], [3.0, 2.0]]))
-    out = _local_dispatch(DispatchFormat.STANDARD, hidden, topk, placement)
+    out = _local_dispatch(STANDARD, hidden, topk, placement)
     assert out.topk_ids[1].tolist() == [-1, -1]
-    y = ReferenceExperts(weights.shard(placement))(out)
+    y = run_experts(weights.shard(placement), out)
     assert torch.equal(y[1], torch.zeros(H))
 
     def expert(e, x):
@@ -144,19 +151,19 @@ def test_rows_without_local_experts_are_zero_and_minus_one_ignored():
     torch.testing.assert_close(y[3], 2.0 * expert(1, hidden[3]))
 
 
-@pytest.mark.parametrize("fmt", [DispatchFormat.STANDARD, DispatchFormat.ALLTOALL])
+@pytest.mark.parametrize("fmt", [STANDARD, SUBSET])
 def test_empty_rows(fmt):
     weights = MoEWeights.random(E, H, I, seed=1)
     placement = ExpertPlacement(E, 2, 1)
     empty = TopK(ids=torch.zeros(0, 2, dtype=torch.int64), weights=torch.zeros(0, 2))
     for dtype in (torch.float32, torch.bfloat16):
         out = _local_dispatch(fmt, torch.zeros(0, H, dtype=dtype), empty, placement)
-        y = ReferenceExperts(weights.shard(placement).to(dtype=dtype))(out)
+        y = run_experts(weights.shard(placement).to(dtype=dtype), out)
         assert y.shape == (0, H) and y.dtype == dtype
     # rows present, none routed here
     topk = TopK(ids=torch.zeros(3, 2, dtype=torch.int64), weights=torch.ones(3, 2))
     out = _local_dispatch(fmt, torch.randn(3, H), topk, placement)
-    assert torch.equal(ReferenceExperts(weights.shard(placement))(out), torch.zeros(3, H))
+    assert torch.equal(run_experts(weights.shard(placement), out), torch.zeros(3, H))
 
 
 def test_all_tokens_on_one_expert_and_top_k_equals_experts():
@@ -164,16 +171,16 @@ def test_all_tokens_on_one_expert_and_top_k_equals_experts():
     hidden = torch.randn(20, H)
     router = RouterConfig(num_experts=E, top_k=E, renormalize=True)
     ref, topk = reference_moe(hidden, weights, router)
-    torch.testing.assert_close(_distributed_routed(weights, hidden, topk, DispatchFormat.ALLTOALL, 4, 1), ref,
+    torch.testing.assert_close(_distributed_routed(weights, hidden, topk, SUBSET, 4, 1), ref,
                                rtol=1e-5, atol=1e-5)
     one = TopK(ids=torch.full((20, 1), 6, dtype=torch.int64), weights=torch.full((20, 1), 0.5))
-    got = _distributed_routed(weights, hidden, one, DispatchFormat.STANDARD, 2, 2)
+    got = _distributed_routed(weights, hidden, one, STANDARD, 2, 2)
     g = hidden @ weights.w_gate[6].T
     want = 0.5 * (torch.nn.functional.silu(g) * (hidden @ weights.w_up[6].T)) @ weights.w_down[6].T
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", [DispatchFormat.STANDARD, DispatchFormat.ALLTOALL])
+@pytest.mark.parametrize("fmt", [STANDARD, SUBSET])
 def test_bf16_close_to_fp32_reference(fmt):
     weights = MoEWeights.random(E, H, I, seed=4, dtype=torch.bfloat16, with_correction_bias=True)
     hidden = torch.randn(33, H).to(torch.bfloat16).float()
@@ -186,7 +193,7 @@ def test_shared_expert_and_full_layer():
     weights = MoEWeights.random(E, H, I, 2 * I, seed=6, with_correction_bias=True)
     hidden = torch.randn(29, H)
     ref, topk = reference_moe(hidden, weights, _router())
-    routed = _distributed_routed(weights, hidden, topk, DispatchFormat.ALLTOALL, 2, 1)
+    routed = _distributed_routed(weights, hidden, topk, SUBSET, 2, 1)
     shared = SharedExpert(weights.shared)(hidden)
     torch.testing.assert_close(routed + shared, ref, rtol=1e-5, atol=1e-5)
     halves = sum(SharedExpert(weights.shared.shard(r, 2))(hidden) for r in range(2))
@@ -203,11 +210,48 @@ def test_unsupported_format_and_shape_errors():
     weights = MoEWeights.random(E, H, I, seed=0)
     placement = ExpertPlacement(E, 2, 0)
     topk = TopK(ids=torch.zeros(2, 1, dtype=torch.int64), weights=torch.ones(2, 1))
-    out = _local_dispatch(DispatchFormat.STANDARD, torch.randn(2, H), topk, placement)
-    experts = ReferenceExperts(weights.shard(placement))
-    with pytest.raises(UnsupportedDispatchFormat, match="deepep_ll.*standard, alltoall"):
-        experts(dataclasses.replace(out, format=DispatchFormat.DEEPEP_LL))
+    out = _local_dispatch(STANDARD, torch.randn(2, H), topk, placement)
+    local = weights.shard(placement)
+
+    class Foreign(type(out).__mro__[1]):  # a DispatchOutput no runner knows
+        pass
+
+    with pytest.raises(UnsupportedDispatchFormat, match="Foreign.*StandardDispatchOutput, DeepEPNormalOutput"):
+        run_experts(local, Foreign(hidden_states=out.hidden_states))
     with pytest.raises(MoeA2AError, match="4 local experts"):
-        experts(dataclasses.replace(out, tokens_per_expert=torch.zeros(3, dtype=torch.int64)))
+        run_experts(local, dataclasses.replace(out, tokens_per_expert=torch.zeros(3, dtype=torch.int64)))
     with pytest.raises(MoeA2AError, match=r"expected \[R, 32\]"):
-        experts(dataclasses.replace(out, hidden_states=torch.zeros(2, 7)))
+        run_experts(local, dataclasses.replace(out, hidden_states=torch.zeros(2, 7)))
+
+
+def test_deepep_formats_match_the_standard_consumer():
+    """The DeepEP normal and low-latency consumers compute what the standard one does."""
+    weights = MoEWeights.random(E, H, I, seed=8)
+    placement = ExpertPlacement(E, 2, 1)
+    local = weights.shard(placement)
+    hidden = torch.randn(9, H)
+    ids = torch.randint(0, E, (9, 3), generator=torch.Generator().manual_seed(1))
+    topk = TopK(ids=ids, weights=torch.rand(9, 3))
+    std = _local_dispatch(STANDARD, hidden, topk, placement)
+    want = run_experts(local, std)
+    normal = DeepEPNormalOutput(hidden_states=hidden, topk_ids=std.topk_ids,
+                                topk_weights=std.topk_weights,
+                                num_recv_tokens_per_expert=std.tokens_per_expert.tolist())
+    torch.testing.assert_close(run_experts(local, normal), want)
+    # low latency: per expert its rows (unweighted), padded to cap; combine weighs them
+    cap = 12
+    x = torch.zeros(placement.num_local_experts, cap, H)
+    masked = torch.zeros(placement.num_local_experts, dtype=torch.int32)
+    where = []
+    for e in range(placement.num_local_experts):
+        rows, cols = torch.nonzero(std.topk_ids == e, as_tuple=True)
+        x[e, :rows.numel()] = hidden[rows]
+        masked[e] = rows.numel()
+        where.append((rows, cols))
+    ll = DeepEPLowLatencyOutput(hidden_states=x, masked_m=masked, expected_m=4)
+    y = run_experts(local, ll)
+    assert torch.equal(y[0, masked[0]:], torch.zeros_like(y[0, masked[0]:]))
+    combined = torch.zeros(9, H)
+    for e, (rows, cols) in enumerate(where):
+        combined.index_add_(0, rows, y[e, :rows.numel()] * std.topk_weights[rows, cols, None])
+    torch.testing.assert_close(combined, want, rtol=1e-5, atol=1e-5)
