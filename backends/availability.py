@@ -89,9 +89,14 @@ def ensure_available(
     spec = name if isinstance(name, BackendSpec) else REGISTRY.get(name)
     ok, reason = check_availability(spec, device)
     if not ok:
-        where = f" on {_device_text(device)}" if device is not None else ""
-        raise BackendUnavailableError(f"MoE A2A backend {spec.name!r} cannot run{where}: {reason}")
+        raise BackendUnavailableError(unavailable_message(spec.name, device, reason))
     return spec
+
+
+def unavailable_message(name: str, device: Any, reason: str) -> str:
+    """The one wording of "this backend cannot run here" (the CLI and the layer use it)."""
+    where = f" on {_device_text(device)}" if device is not None else " here"
+    return f"--moe-a2a-backend {name} cannot run{where}: {reason}"
 
 
 def _device_text(device: Any) -> str:

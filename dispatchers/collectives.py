@@ -39,7 +39,7 @@ What the backends support (probed on torch 2.13, gloo, 2 and 4 ranks):
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -412,16 +412,23 @@ def pack_topk(ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.cat([ids.to(torch.float32), weights.to(torch.float32)], dim=1)
 
 
-def unpack_topk(packed: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+class UnpackedTopK(NamedTuple):
+    """``ids [N, K]`` int64 (``-1`` kept) and ``weights [N, K]`` float32."""
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+
+
+def unpack_topk(packed: torch.Tensor, top_k: int) -> UnpackedTopK:
     """Inverse of ``pack_topk``.
 
     Args:
         packed: ``[N, 2K]`` float32.
     Returns:
-        ``(ids [N, K] int64 (-1 kept), weights [N, K] float32)``.
+        ``UnpackedTopK(ids [N, K] int64 (-1 kept), weights [N, K] float32)``.
     """
     if packed.dim() != 2 or packed.shape[1] != 2 * top_k:
         raise DispatcherError(
             f"unpack_topk: packed has shape {tuple(packed.shape)}, expected [N, {2 * top_k}]"
         )
-    return packed[:, :top_k].to(torch.int64), packed[:, top_k:].contiguous()
+    return UnpackedTopK(packed[:, :top_k].to(torch.int64), packed[:, top_k:].contiguous())

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union, cast
 
 import torch
 
-from moe_a2a.backends import BackendSpec, check_availability, get_backend
+from moe_a2a.backends import BackendSpec, ensure_available, get_backend
 from moe_a2a.dispatchers import (
     BaseDispatcher,
     BatchInfo,
@@ -85,9 +85,7 @@ class Communicators:
 
 def build_backend(spec: BackendSpec, setup: DispatcherSetup, communicators: Communicators) -> Backend:
     """Build the dispatcher or fused backend ``spec`` names, or fail with the real reason."""
-    ok, reason = check_availability(spec, setup.device.type)
-    if not ok:  # the reason already carries the install hint
-        raise MoeA2AError(f"--moe-a2a-backend {spec.name} cannot run on {setup.device.type}: {reason}")
+    ensure_available(spec, setup.device.type)  # the real reason, with the install hint
     cls = spec.load_dispatcher_class()
     comm = communicators.get(spec, cls, setup)
     built = cls(DispatcherSetup(**{**_fields(setup), "communicator": comm}))
@@ -233,9 +231,10 @@ class EPMoE(torch.nn.Module):
 
     def attach(self, step_provider: Callable[[], Optional[StepContext]],
                observers: Sequence[StepObserver]) -> None:
-        """Called by ``MoEStack``: read the step from it, report to its observers."""
+        """Called by ``MoEStack``: read the step from it, report to its observers (the stack's
+        own list, so observers added to the stack later are seen too)."""
         self._step_provider = step_provider
-        self.observers = tuple(observers)
+        self.observers = observers
 
     def close(self) -> None:
         """Release the communicators if this layer owns them (a stack closes its own)."""

@@ -8,13 +8,16 @@ variables are read once in ``moe_a2a.server_args.launch``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from moe_a2a.dispatchers.groups import CommGroups
 from moe_a2a.errors import MoeA2AError
+
+if TYPE_CHECKING:
+    from moe_a2a.server_args import ServerArgs
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,8 @@ class ParallelSizes:
         return self.tp_size // self.ep_size
 
     @classmethod
-    def from_server_args(cls, args) -> "ParallelSizes":
-        """From a resolved ``server_args.ServerArgs`` (duck-typed to keep imports one-way)."""
+    def from_server_args(cls, args: "ServerArgs") -> "ParallelSizes":
+        """From resolved server arguments."""
         return cls(tp_size=args.tp_size, attn_dp_size=args.attn_dp_size, ep_size=args.ep_size)
 
     def layout_groups(self) -> Dict[str, List[List[int]]]:

@@ -7,17 +7,23 @@ so a bug in one path shows up as a mismatch against the other.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import NamedTuple
 
 import torch
 
-from moe_a2a.dispatchers.base import TopK
 from moe_a2a.errors import MoeA2AError
-from moe_a2a.routing import RouterConfig, route
+from moe_a2a.routing import LogicalTopK, RouterConfig, route
 from moe_a2a.weights import MoEWeights
 
 
-def reference_moe(hidden: torch.Tensor, weights: MoEWeights, router: RouterConfig) -> Tuple[torch.Tensor, TopK]:
+class ReferenceOutput(NamedTuple):
+    """``output [T, H]`` float32 (routed + shared) and the router's ``topk`` (logical ids)."""
+
+    output: torch.Tensor
+    topk: LogicalTopK
+
+
+def reference_moe(hidden: torch.Tensor, weights: MoEWeights, router: RouterConfig) -> ReferenceOutput:
     """Route, run the routed experts and the shared expert, sum.
 
     Args:
@@ -59,7 +65,7 @@ def reference_moe(hidden: torch.Tensor, weights: MoEWeights, router: RouterConfi
         g = x @ s.w_gate.float().transpose(0, 1)
         u = x @ s.w_up.float().transpose(0, 1)
         out = out + (g * torch.sigmoid(g) * u) @ s.w_down.float().transpose(0, 1)
-    return out, topk
+    return ReferenceOutput(out, topk)
 
 
-__all__ = ["reference_moe"]
+__all__ = ["ReferenceOutput", "reference_moe"]

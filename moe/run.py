@@ -14,15 +14,19 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from moe_a2a.errors import MoeA2AError, user_error_types
-from moe_a2a.run_plan import RunPlan
 from moe_a2a.parallel import (ParallelSizes, default_backend, destroy_distributed, init_distributed,
                           make_parallel_context)
+from moe_a2a.run_plan import RunPlan
+
+if TYPE_CHECKING:
+    from moe_a2a.parallel import ParallelContext
+    from moe_a2a.server_args import ServerArgs
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -71,7 +75,7 @@ class _Oracle:
         return reference_moe(x, self.weights, self.router)[0]
 
 
-def _build_stack(plan: RunPlan, args, ctx, dtype):
+def _build_stack(plan: RunPlan, args: "ServerArgs", ctx: "ParallelContext", dtype: torch.dtype):
     """Build the MoE stack and each layer's oracle (same seeded weights on every rank)."""
     from moe_a2a.routing import RouterConfig
     from moe_a2a.stack import MoEStack

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from moe_a2a.dispatchers.alltoall import AllToAllDispatcher
-from moe_a2a.dispatchers.base import CombineInput, DispatcherSetup, DispatchOutput, TopK
+from moe_a2a.dispatchers import BatchInfo, CombineInput, DispatcherSetup, ForwardMode, StandardDispatchOutput, TopK
 from moe_a2a.dispatchers.collectives import (
     all_gather_known_sizes,
     all_gather_v,
@@ -90,7 +90,7 @@ def reference(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tens
     return out
 
 
-def apply_experts(d: DispatchOutput, first_local_expert: int, share: float,
+def apply_experts(d: StandardDispatchOutput, first_local_expert: int, share: float,
                   dtype: torch.dtype) -> torch.Tensor:
     """The test experts through ``pair_order`` / ``tokens_per_expert``; also checks the layout."""
     R, K = d.topk_ids.shape
@@ -159,6 +159,7 @@ def standard_cases(tp):
         c("ep=1", ep=1, sizes=[5], dtype="bf16"),                # moe_tp = tp
         c("no-tokens", sizes=[0]),
         c("dp=tp", dp=tp, sizes=[3] + [0] * (tp - 2) + [4]),
+        c("dp=tp-unagreed", dp=tp, sizes=[2] + [0] * (tp - 2) + [5], agreed=False),
         c("dp=tp-zero", dp=tp, sizes=[0] * tp),
         c("one-expert", dp=tp, sizes=[4] * tp, mode="one_expert", expert=tp),
         c("topk=E", sizes=[5], top_k=2 * tp, neg=0.0),
@@ -221,7 +222,13 @@ def check_standard(rank: int, case: Dict[str, Any]) -> Dict[str, Any]:
     batches = [make_batch(case, d) for d in range(dp)]
     x, ids, w = batches[g.dp_rank]
     dev = _device(rank, case)
-    d = disp.dispatch(x.to(dev), TopK(ids.to(dev), w.to(dev)))
+    if case.get("agreed", True):  # the step's DP sizes are known: no exchange in dispatch
+        batch = BatchInfo(forward_mode=ForwardMode.PREFILL, num_tokens=x.shape[0],
+                          dp_num_tokens=tuple(case["sizes"]),
+                          dp_forward_modes=(ForwardMode.PREFILL,) * dp)
+    else:
+        batch = BatchInfo(forward_mode=ForwardMode.PREFILL, num_tokens=x.shape[0])
+    d = disp.dispatch(x.to(dev), TopK(ids.to(dev), w.to(dev)), batch=batch)
     if d.num_rows != (sum(case["sizes"]) if dp > 1 else case["sizes"][0]):
         raise AssertionError(f"{case['name']}: {d.num_rows} rows dispatched")
     if dp > 1:  # every rank holds the DP-global batch, in DP-rank order
@@ -230,7 +237,7 @@ def check_standard(rank: int, case: Dict[str, Any]) -> Dict[str, Any]:
     mtp = g.moe_tp_size
     share = (g.moe_tp_rank + 1) / (mtp * (mtp + 1) / 2)
     y = apply_experts(d, disp.placement.first_local_expert, share, x.dtype)
-    out = disp.combine(CombineInput(y, d))
+    out = disp.combine(CombineInput(expert_output=y, dispatch_output=d), batch=batch)
     ref = reference(x, ids, w)
     if tuple(out.shape) != tuple(x.shape) or out.dtype != x.dtype or out.device != dev:
         raise AssertionError(f"{case['name']}: output {tuple(out.shape)} {out.dtype} {out.device}")
@@ -257,11 +264,12 @@ def check_alltoall(rank: int, case: Dict[str, Any]) -> Dict[str, Any]:
         calls["a2a"] += 1
         return real(*args, **kwargs)
 
+    batch = BatchInfo(forward_mode=ForwardMode.PREFILL, num_tokens=x.shape[0])
     with mock.patch.object(dist, "all_to_all_single", counting):
-        d = disp.dispatch(x.to(dev), TopK(ids.to(dev), w.to(dev)))
+        d = disp.dispatch(x.to(dev), TopK(ids.to(dev), w.to(dev)), batch=batch)
         dispatch_calls = calls["a2a"]
         y = apply_experts(d, disp.placement.first_local_expert, 1.0, x.dtype)
-        out = disp.combine(CombineInput(y, d))
+        out = disp.combine(CombineInput(expert_output=y, dispatch_output=d), batch=batch)
     combine_calls = calls["a2a"] - dispatch_calls
     if (dispatch_calls, combine_calls) != (3, 1):
         raise AssertionError(f"{case['name']}: {dispatch_calls} all_to_all_single calls in "

@@ -12,6 +12,7 @@ from typing import Any, Dict, List
 import torch
 
 from moe_a2a.layer import EPMoE
+from moe_a2a.stack import MoEStack
 from moe_a2a.parallel import ParallelSizes, make_parallel_context
 from moe_a2a.reference import reference_moe
 from moe_a2a.routing import RouterConfig
@@ -56,22 +57,34 @@ def run_layer_cases(rank: int, world_size: int, cases: List[Dict[str, Any]]) -> 
         dtype = DTYPES[case.get("dtype", "float32")]
         router = _router(case)
         weights = _weights(case, router, dtype)
-        layer = EPMoE.build(weights, router, args, ctx, dtype=dtype)
+        standalone = case.get("standalone", False)
+        if standalone:  # a lone layer agrees its batch per call
+            layer = EPMoE.build(weights, router, args, ctx, dtype=dtype)
+            stack = None
+        else:
+            stack = MoEStack.build([weights], router, args, ctx, dtype=dtype)
+            layer = stack.layers[0]
         g = ctx.groups
         worst, scale = 0.0, 0.0
         for step, sizes in enumerate(case["dp_batches"]):
             n = sizes[g.dp_rank]
             x = _inputs(case.get("seed", 0) + step, g.dp_rank, n, weights.gate.shape[1]).to(dtype)
-            out = layer(x)
+            if stack is not None:
+                with stack.step(n):
+                    out = layer(x)
+            else:
+                out = layer(x)
             if out.shape != x.shape:
                 raise AssertionError(f"{case['name']}: output {tuple(out.shape)} for input {tuple(x.shape)}")
             if n:
                 ref, _ = reference_moe(x.float(), weights, router)
                 worst = max(worst, (out.float() - ref).abs().max().item())
                 scale = max(scale, ref.abs().max().item())
+        (stack or layer).close()
         results.append({"name": case["name"], "max_abs_err": worst, "scale": scale,
                         "format": layer.dispatcher.format.value,
                         "dispatcher": type(layer.dispatcher).__name__,
+                        "paths": dict(layer.path_counts),
                         "attn_tp_size": g.attn_tp_size, "moe_tp_size": g.moe_tp_size,
                         "ep_size": g.ep_size, "dp_size": g.dp_size})
     return results

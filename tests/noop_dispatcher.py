@@ -1,11 +1,13 @@
 """A dispatcher class for registry tests: registered and inspected, never built."""
 
-from moe_a2a.dispatchers import BaseDispatcher
+from moe_a2a.dispatchers import BaseDispatcher, StandardDispatchOutput
 
 
 class NoopDispatcher(BaseDispatcher):
-    def dispatch(self, hidden_states, topk):  # pragma: no cover - never built
+    output_class = StandardDispatchOutput
+
+    def dispatch(self, hidden_states, topk, *, batch):  # pragma: no cover - never built
         raise NotImplementedError
 
-    def combine(self, combine_input):  # pragma: no cover
+    def combine(self, combine_input, *, batch):  # pragma: no cover
         raise NotImplementedError

@@ -242,5 +242,5 @@ def test_ensure_available():
     with pytest.raises(BackendUnavailableError) as info:
         ensure_available("deepep", "cpu")
     assert isinstance(info.value, ValueError)
-    assert str(info.value) == ("MoE A2A backend 'deepep' cannot run on cpu: backend 'deepep' runs "
+    assert str(info.value) == ("--moe-a2a-backend deepep cannot run on cpu: backend 'deepep' runs "
                                "on cuda only; device 'cpu' is not supported")

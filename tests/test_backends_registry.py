@@ -27,7 +27,7 @@ from moe_a2a.backends import (
     register_backend,
     registry_snapshot,
 )
-from moe_a2a.dispatchers import BaseDispatcher
+from moe_a2a.dispatchers import BaseDispatcher, StandardDispatchOutput
 
 
 @pytest.fixture(autouse=True)
@@ -37,10 +37,12 @@ def clean_registry():
 
 
 class _Dummy(BaseDispatcher):
-    def dispatch(self, hidden_states, topk):  # pragma: no cover - never built here
+    output_class = StandardDispatchOutput
+
+    def dispatch(self, hidden_states, topk, *, batch):  # pragma: no cover - never built here
         raise NotImplementedError
 
-    def combine(self, combine_input):  # pragma: no cover
+    def combine(self, combine_input, *, batch):  # pragma: no cover
         raise NotImplementedError
 
 
@@ -91,10 +93,11 @@ EXPECTED_BUILTINS = {
                    ep_policy="tp", fused_experts=False, modes=("normal", "low_latency", "auto"),
                    cuda_graph_modes=("low_latency", "auto"), devices=("cuda",),
                    requires=(Requirement("deep_ep", "deep_ep"),), min_compute_capability=(9, 0)),
-    "megamoe": dict(dispatcher="moe_a2a.dispatchers.megamoe:MegaMoEDispatcher", token_layout="replicated",
+    # the fused kernel takes scattered tokens (as SGLang lays them out); over-cap steps fall back
+    "megamoe": dict(dispatcher="moe_a2a.dispatchers.megamoe:MegaMoE", token_layout="scattered",
                     ep_policy="tp", fused_experts=True, modes=("default",), cuda_graph_modes=("default",),
                     devices=("cuda",), requires=(Requirement("deep_gemm", "deep_gemm"),),
-                    min_compute_capability=(10, 0)),
+                    min_compute_capability=(10, 0), fallback="none"),
 }
 
 
@@ -142,6 +145,47 @@ def test_every_registered_backend_is_fully_classified():
             assert not spec.requires or spec.install_hint  # a missing package needs a hint
         for mode in spec.modes:
             assert isinstance(spec.supports_cuda_graph(mode), bool)
+        # typed settings and capacities are data the resolver reads
+        assert issubclass(spec.settings, backends.BackendSettings)
+        assert set(spec.settings_fields) <= set(spec.settings.model_fields)
+        assert (spec.mode_setting is not None) == (spec.has_modes and spec.settings is not backends.NoSettings)
+        for rule in spec.capacities:
+            assert rule.setting in spec.settings.model_fields
+        assert (spec.fallback is not None) == any(r.over_capacity == "fallback" for r in spec.capacities)
+        if spec.builtin:  # the class keeps the contract the spec names
+            cls = spec.load_dispatcher_class()
+            from moe_a2a.dispatchers import BaseDispatcher, DispatchOutput, FusedMoE
+            assert issubclass(cls, FusedMoE if spec.fused_experts else BaseDispatcher)
+            if not spec.fused_experts:
+                assert issubclass(cls.output_class, DispatchOutput)
+
+
+def test_output_class_and_fused_contract_checked_at_registration():
+    class NoOutput(BaseDispatcher):
+        def dispatch(self, hidden_states, topk, *, batch):  # pragma: no cover
+            raise NotImplementedError
+
+        def combine(self, combine_input, *, batch):  # pragma: no cover
+            raise NotImplementedError
+
+    with pytest.raises(backends.InvalidBackendError, match="output_class"):
+        register_backend("no_out", NoOutput, token_layout="scattered", ep_policy="tp")
+    with pytest.raises(backends.InvalidBackendError, match="fused_experts=True .* is not a FusedMoE"):
+        register_backend("not_fused", _Dummy, token_layout="scattered", ep_policy="tp",
+                         fused_experts=True)
+    with pytest.raises(backends.InvalidBackendError, match="needs fallback"):
+        register_backend("no_fb", _Dummy, token_layout="scattered", ep_policy="tp",
+                         settings=backends.MegaMoESettings,
+                         capacities=(backends.CapacityRule("num_max_tokens_per_rank", batches="captured",
+                                                           over_capacity="fallback"),))
+    with pytest.raises(backends.InvalidBackendError, match="not an attribute"):
+        register_backend("bad_cap", _Dummy, token_layout="scattered", ep_policy="tp",
+                         capacities=(backends.CapacityRule("cap", batches="all"),))
+
+
+def test_not_built_backends_say_so_without_an_install_hint():
+    ok, reason = backends.check_availability("deepep", "cuda")
+    assert not ok and "not built in this release" in reason
 
 
 # -- get_backend ----------------------------------------------------------------------------

@@ -90,8 +90,10 @@ def test_torchrun_two_processes():
 @pytest.mark.parametrize("argv, needle", [
     (["--moe-a2a-backend", "deepep", "--tp-size", "2", "--deepep-mode", "low_latency",
       "--num-tokens", "300"], "raise --deepep-num-max-dispatch-tokens-per-rank to at least 150"),
+    # an eager batch above the Mega-MoE cap is not an error (that step takes the fallback);
+    # here megamoe cannot run at all, and says why
     (["--moe-a2a-backend", "megamoe", "--tp-size", "2", "--num-tokens", "2000"],
-     "raise --mega-moe-num-max-tokens-per-rank to at least 2000"),
+     "--moe-a2a-backend megamoe cannot run on cpu"),
     (["--steps", "0"], "--steps 0 is invalid: it must be >= 1"),
     (["--num-tokens", "-1"], "--num-tokens -1 is invalid: it must be >= 0"),
     (["--top-k", "17"], "--top-k 17 exceeds --num-experts 16"),

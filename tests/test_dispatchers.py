@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from moe_a2a.dispatchers.alltoall import AllToAllDispatcher, AllToAllHandle, AllToAllLayoutError
-from moe_a2a.dispatchers.base import (
+from moe_a2a.dispatchers import (
+    BatchInfo,
     CombineInput,
     DispatcherError,
     DispatcherSetup,
     DispatchFormat,
+    StandardDispatchOutput,
     TopK,
 )
 from moe_a2a.dispatchers.collectives import (
@@ -46,9 +48,15 @@ def _single(**kw) -> DispatcherSetup:
 
 def _roundtrip(dispatcher, case):
     x, ids, w = checks.make_batch(case, 0)
-    d = dispatcher.dispatch(x, TopK(ids, w))
+    batch = BatchInfo.single(x.shape[0])
+    d = dispatcher.dispatch(x, TopK(ids, w), batch=batch)
     y = checks.apply_experts(d, dispatcher.placement.first_local_expert, 1.0, x.dtype)
-    return x, ids, w, d, dispatcher.combine(CombineInput(y, d))
+    return x, ids, w, d, dispatcher.combine(CombineInput(expert_output=y, dispatch_output=d),
+                                            batch=batch)
+
+
+def _b(n):
+    return BatchInfo.single(n)
 
 
 # --------------------------------------------------------------------------- unit: collectives
@@ -108,7 +116,7 @@ def test_single_process_matches_reference(cls, dtype, mode, sizes, top_k):
                  mode=mode, expert=3)
     disp = cls(_single(dtype=checks._DTYPES[dtype]))
     x, ids, w, d, out = _roundtrip(disp, case)
-    assert d.format == cls.format
+    assert isinstance(d, cls.output_class) and d.format == DispatchFormat.STANDARD
     assert out.shape == x.shape and out.dtype == x.dtype
     ref = checks.reference(x, ids, w)
     if ref.numel():
@@ -118,10 +126,54 @@ def test_single_process_matches_reference(cls, dtype, mode, sizes, top_k):
 
 
 def test_formats_and_layouts():
-    assert StandardDispatcher.format == DispatchFormat.STANDARD
+    assert StandardDispatcher.output_class is StandardDispatchOutput
     assert StandardDispatcher.token_layout == "replicated"
-    assert AllToAllDispatcher.format == DispatchFormat.ALLTOALL
+    assert AllToAllDispatcher.output_class is StandardDispatchOutput
     assert AllToAllDispatcher.token_layout == "scattered"
+
+
+def test_dispatch_needs_the_step_facts_as_a_keyword():
+    disp = StandardDispatcher(_single())
+    ids = torch.zeros(3, 2, dtype=torch.int64)
+    with pytest.raises(TypeError):
+        disp.dispatch(torch.zeros(3, 8), TopK(ids, torch.ones(3, 2), batch=_b(3)))  # no batch=
+
+
+def test_async_defaults_run_synchronously():
+    disp = AllToAllDispatcher(_single())
+    case = checks.case("x", "async", 1, sizes=[6], experts=4)
+    x, ids, w = checks.make_batch(case, 0)
+    pending = disp.dispatch_async(x, TopK(ids, w), batch=_b(6))
+    d = pending.wait()
+    assert pending.done and isinstance(d, StandardDispatchOutput)
+    y = checks.apply_experts(d, 0, 1.0, x.dtype)
+    out = disp.combine_async(CombineInput(expert_output=y, dispatch_output=d), batch=_b(6)).wait()
+    ref = checks.reference(x, ids, w)
+    assert float((out - ref).abs().max()) <= checks._tolerance(case, ref)
+
+
+def test_layers_share_their_communicators_buffers():
+    """Dispatchers built on one communicator reuse its scratch buffers (one per process)."""
+    from moe_a2a.dispatchers import Communicator
+
+    comm = Communicator(_single().comm_setup())
+    a = AllToAllDispatcher(_single(communicator=comm))
+    b = AllToAllDispatcher(_single(communicator=comm))
+    assert a.comm is b.comm is comm
+    case = checks.case("x", "share", 1, sizes=[5], experts=4)
+    x, ids, w = checks.make_batch(case, 0)
+    a.dispatch(x, TopK(ids, w), batch=_b(5))
+    first = comm.scratch("alltoall.counts", 2, torch.int64, torch.device("cpu")).data_ptr()
+    b.dispatch(x, TopK(ids, w), batch=_b(5))
+    assert comm.scratch("alltoall.counts", 2, torch.int64, torch.device("cpu")).data_ptr() == first
+    a.close()  # a shared communicator is not the dispatcher's to close
+    assert not comm.closed
+    comm.close()
+    with pytest.raises(DispatcherError, match="closed"):
+        b.dispatch(x, TopK(ids, w), batch=_b(5))
+    own = AllToAllDispatcher(_single())
+    own.close()
+    assert own.comm.closed
 
 
 def test_alltoall_reads_the_device_once_per_dispatch(monkeypatch):
@@ -132,10 +184,10 @@ def test_alltoall_reads_the_device_once_per_dispatch(monkeypatch):
     real_tolist, real_item = torch.Tensor.tolist, torch.Tensor.item
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append("tolist") or real_tolist(t))
     monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append("item") or real_item(t))
-    d = disp.dispatch(x, TopK(ids, w))
+    d = disp.dispatch(x, TopK(ids, w), batch=_b(9))
     assert reads == ["tolist"]
     y = torch.zeros_like(d.hidden_states)
-    disp.combine(CombineInput(y, d))
+    disp.combine(CombineInput(expert_output=y, dispatch_output=d), batch=_b(9))
     assert reads == ["tolist"]  # combine reads nothing
     h = d.handle
     assert isinstance(h, AllToAllHandle)
@@ -171,20 +223,22 @@ def test_input_and_combine_errors():
     ids = torch.zeros(3, 2, dtype=torch.int64)
     w = torch.ones(3, 2)
     with pytest.raises(DispatcherError, match=r"\[T, H\]"):
-        disp.dispatch(torch.zeros(3, 2, 8), TopK(ids, w))
+        disp.dispatch(torch.zeros(3, 2, 8), TopK(ids, w), batch=_b(3))
     with pytest.raises(DispatcherError, match="hidden_size=8"):
-        disp.dispatch(torch.zeros(3, 5), TopK(ids, w))
+        disp.dispatch(torch.zeros(3, 5), TopK(ids, w), batch=_b(3))
     with pytest.raises(DispatcherError, match="covers 3 tokens"):
-        disp.dispatch(torch.zeros(4, 8), TopK(ids, w))
+        disp.dispatch(torch.zeros(4, 8), TopK(ids, w), batch=_b(3))
     with pytest.raises(DispatcherError, match="integer"):
-        disp.dispatch(torch.zeros(3, 8), TopK(ids.float(), w))
-    d = disp.dispatch(torch.zeros(3, 8), TopK(ids, w))
+        disp.dispatch(torch.zeros(3, 8), TopK(ids.float(), w), batch=_b(3))
+    d = disp.dispatch(torch.zeros(3, 8), TopK(ids, w), batch=_b(3))
     assert isinstance(d.handle, StandardHandle)
-    with pytest.raises(DispatcherError, match=r"\[3, H\]"):
-        disp.combine(CombineInput(torch.zeros(2, 8), d))
+    with pytest.raises(DispatcherError, match=r"shape \(2, 8\).*expects \[3, 8\]"):
+        disp.combine(CombineInput(expert_output=torch.zeros(2, 8), dispatch_output=d), batch=_b(3))
+    with pytest.raises(DispatcherError, match="expects \\[3, 8\\]"):
+        disp.combine(CombineInput(expert_output=torch.zeros(1, 8), dispatch_output=d), batch=_b(3))
     a2a = AllToAllDispatcher(_single())
     with pytest.raises(DispatcherError, match="dispatch\\(\\) returned"):
-        a2a.combine(CombineInput(torch.zeros(3, 8), d))
+        a2a.combine(CombineInput(expert_output=torch.zeros(3, 8), dispatch_output=d), batch=_b(3))
     with pytest.raises(DispatcherError, match="2\\*\\*24"):
         StandardDispatcher(_single(num_experts=2**24))
 

@@ -39,6 +39,8 @@ CASES_2 = [
           args=dict(moe_a2a_backend="alltoall", tp_size=2)),
     _case("none_tp2_bf16", [[12]], dtype="bfloat16",
           args=dict(moe_a2a_backend="none", tp_size=2, ep_size=2)),
+    _case("none_tp2_dp2_standalone", [[5, 3], [0, 2]], standalone=True,
+          args=dict(moe_a2a_backend="none", tp_size=2, ep_size=2, dp_size=2, enable_dp_attention=True)),
 ]
 
 CASES_4 = [

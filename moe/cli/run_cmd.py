@@ -7,9 +7,13 @@ import dataclasses
 import json
 import sys
 import warnings
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict
 
 from moe_a2a.errors import MoeA2AError
+
+if TYPE_CHECKING:  # the CLI imports the server-args model lazily
+    from moe_a2a.run_plan import ModelShape
+    from moe_a2a.server_args import ServerArgs
 
 # What ``moe-a2a run`` does with no flags: a demo on several CPU ranks over the torch-native
 # all-to-all. These count as defaults (an env var or legacy variable still overrides them).
@@ -72,7 +76,7 @@ def _check_positive(name: str, value: int, minimum: int = 1) -> None:
         raise MoeA2AError(f"{name} {value} is invalid: it must be >= {minimum}")
 
 
-def resolve_groups(shape):
+def resolve_groups(shape: "ModelShape") -> "ModelShape":
     """Fill in ``n_group``/``topk_group`` left to adapt to the expert count."""
     from moe_a2a.routing import default_groups
 
@@ -90,7 +94,7 @@ def resolve_groups(shape):
     return dataclasses.replace(shape, n_group=n_group, topk_group=topk_group)
 
 
-def checked_shape(shape, args):
+def checked_shape(shape: "ModelShape", args: "ServerArgs") -> "ModelShape":
     """The shape with its routing groups filled in; rejects a layer stack that cannot be built
     on these ranks, before any rank starts."""
     from moe_a2a.routing import RouterConfig
@@ -123,7 +127,7 @@ def checked_shape(shape, args):
     return shape
 
 
-def _check_hf_shape(path: str, args) -> None:
+def _check_hf_shape(path: str, args: "ServerArgs") -> None:
     from moe_a2a.hf import moe_sizes
 
     num_experts, inter = moe_sizes(path)
@@ -148,7 +152,7 @@ NOT_YET_RUN = (
 )
 
 
-def _check_supported(args) -> None:
+def _check_supported(args: "ServerArgs") -> None:
     for field, what in NOT_YET_RUN:
         if getattr(args, field):
             flag = "--" + field.replace("_", "-")
@@ -156,7 +160,7 @@ def _check_supported(args) -> None:
                               f"drop {flag} (`moe-a2a config` still resolves and explains it)")
 
 
-def _check_capacity(args, num_tokens: int) -> None:
+def _check_capacity(args: "ServerArgs", num_tokens: int) -> None:
     """``--num-tokens`` must fit every per-rank capacity of the backend (no silent fallback)."""
     from moe_a2a.server_args.validate import batch_capacity_error
 
@@ -168,10 +172,10 @@ def _check_capacity(args, num_tokens: int) -> None:
         raise MoeA2AError(message)
 
 
-def _check_device(device: str, args) -> None:
+def _check_device(device: str, args: "ServerArgs") -> None:
     import torch
 
-    from moe_a2a.backends import check_availability
+    from moe_a2a.backends import ensure_available
 
     if device == "cuda":
         if not torch.cuda.is_available():
@@ -180,10 +184,7 @@ def _check_device(device: str, args) -> None:
         if torch.cuda.device_count() < args.tp_size:
             raise MoeA2AError(f"--device cuda with --tp-size {args.tp_size} needs {args.tp_size} "
                               f"GPUs, {torch.cuda.device_count()} visible: lower --tp-size")
-    spec = args.backend_spec
-    ok, reason = check_availability(spec, device)
-    if not ok:
-        raise MoeA2AError(f"--moe-a2a-backend {spec.name} cannot run on {device}: {reason}")
+    ensure_available(args.backend_spec, device)
 
 
 def _describe(summary: Dict[str, Any]) -> str:
