@@ -117,8 +117,10 @@ def group_pairs_by_expert(local_ids: torch.Tensor, num_local_experts: int):
     flat = local_ids.reshape(-1)
     key = torch.where(flat >= 0, flat, torch.full_like(flat, num_local_experts))  # "not here" last
     order = torch.argsort(key, stable=True)
-    tokens_per_expert = torch.bincount(key, minlength=num_local_experts + 1)[:num_local_experts]
-    return order, tokens_per_expert
+    # scatter_add, not bincount: bincount sizes its output from max(key), a device read
+    counts = torch.zeros(num_local_experts + 1, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    return order, counts[:num_local_experts]
 
 
 class Pending(Generic[T]):

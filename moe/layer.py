@@ -39,6 +39,7 @@ from moe_a2a.experts import LocalExperts, SharedExpert
 from moe_a2a.parallel import ParallelContext
 from moe_a2a.remap import IdentityRemap, TopKRemap
 from moe_a2a.routing import RouterConfig, route
+from moe_a2a.runners import select_runner
 from moe_a2a.server_args import ServerArgs
 from moe_a2a.step import RowSpan, StepContext, StepObserver, split_sizes
 from moe_a2a.weights import MoEWeights
@@ -165,7 +166,7 @@ class EPMoE(torch.nn.Module):
             communicators: the model's communicators (``MoEStack`` passes its own); None
                 builds private ones that the layer owns.
             remap: logical → physical ids (EPLB, fused shared columns); identity by default.
-            runner: the experts runner (``ReferenceExperts()`` by default).
+            runner: the experts runner; by default the one ``--moe-runner-backend`` selects.
             observers: observers of a layer used without a stack.
         """
         if not isinstance(args, ServerArgs):
@@ -190,6 +191,8 @@ class EPMoE(torch.nn.Module):
                                 hidden_size=weights.hidden_size, dtype=dtype, device=ctx.device,
                                 settings=args.backend_settings)
         local = weights.shard(setup.placement, groups.moe_tp_rank, groups.moe_tp_size)
+        if runner is None:
+            runner = select_runner(getattr(args, "moe_runner_backend", "auto"), ctx.device, dtype)
         experts = LocalExperts(local.to(ctx.device, dtype), runner)
         dispatcher: Optional[BaseDispatcher] = None
         fused: Optional[FusedMoE] = None

@@ -255,3 +255,54 @@ def test_deepep_formats_match_the_standard_consumer():
     for e, (rows, cols) in enumerate(where):
         combined.index_add_(0, rows, y[e, :rows.numel()] * std.topk_weights[rows, cols, None])
     torch.testing.assert_close(combined, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- grouped-GEMM runner
+
+from moe_a2a.runners import GroupedMMExperts, select_runner  # noqa: E402
+
+
+@pytest.mark.parametrize("fmt", [STANDARD, SUBSET])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_runner_matches_reference_runner(fmt, dtype):
+    weights = MoEWeights.random(E, H, I, seed=21, dtype=dtype, with_correction_bias=True)
+    hidden = torch.randn(41, H, generator=torch.Generator().manual_seed(3)).to(dtype)
+    _, topk = reference_moe(hidden.float(), weights, _router())
+    for ep in (1, 2, 4):
+        placement = ExpertPlacement(E, ep, ep - 1)
+        rows = None
+        if fmt == SUBSET:
+            rows = (placement.to_local(topk.ids) >= 0).any(dim=1).nonzero(as_tuple=True)[0]
+        out = _local_dispatch(fmt, hidden, topk, placement, rows)
+        local = weights.shard(placement)
+        want = ReferenceExperts()(out, local)
+        got = GroupedMMExperts()(out, local)
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
+
+
+def test_grouped_mm_runner_deepep_formats_and_empty():
+    weights = MoEWeights.random(E, H, I, seed=8)
+    placement = ExpertPlacement(E, 2, 0)
+    local = weights.shard(placement)
+    ids = torch.randint(0, E, (9, 3), generator=torch.Generator().manual_seed(4))
+    std = _local_dispatch(STANDARD, torch.randn(9, H), TopK(ids=ids, weights=torch.rand(9, 3)), placement)
+    normal = DeepEPNormalOutput(hidden_states=std.hidden_states, topk_ids=std.topk_ids,
+                                topk_weights=std.topk_weights,
+                                num_recv_tokens_per_expert=std.tokens_per_expert.tolist())
+    torch.testing.assert_close(GroupedMMExperts()(normal, local), ReferenceExperts()(std, local))
+    x = torch.randn(4, 6, H)
+    ll = DeepEPLowLatencyOutput(hidden_states=x, masked_m=torch.tensor([2, 0, 6, 1], dtype=torch.int32),
+                                expected_m=2)
+    torch.testing.assert_close(GroupedMMExperts()(ll, local), ReferenceExperts()(ll, local),
+                               rtol=1e-5, atol=1e-5)
+    empty = _local_dispatch(STANDARD, torch.zeros(0, H), TopK(ids=torch.zeros(0, 2, dtype=torch.int64),
+                                                              weights=torch.zeros(0, 2)), placement)
+    assert GroupedMMExperts()(empty, local).shape == (0, H)
+
+
+def test_runner_selection():
+    assert isinstance(select_runner("auto", torch.device("cpu"), torch.float32), ReferenceExperts)
+    assert isinstance(select_runner("grouped_mm", torch.device("cpu"), torch.bfloat16), GroupedMMExperts)
+    with pytest.raises(MoeA2AError, match="not provided here"):
+        select_runner("cutlass", torch.device("cpu"), torch.float32)

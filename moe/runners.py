@@ -1,0 +1,154 @@
+"""Experts runners: how this rank's routed experts are computed on a dispatch output.
+
+A runner consumes every non-fused output class (``StandardDispatchOutput``,
+``DeepEPNormalOutput``, ``DeepEPLowLatencyOutput``) and returns what that class's combine
+expects. Selected by ``--moe-runner-backend`` (SGLang's flag):
+
+============  =====================================================================  ==========
+name          what it does                                                           runs on
+============  =====================================================================  ==========
+reference     a loop over local experts in plain torch (``moe_a2a.experts``)         cpu, cuda
+grouped_mm    ``torch._grouped_mm``: one grouped GEMM per projection, no host read   cpu, cuda
+auto          grouped_mm on CUDA with 16-bit weights, else reference                 cpu, cuda
+============  =====================================================================  ==========
+
+``grouped_mm`` never reads the device from the host (offsets are a device cumsum, rows past the
+last offset are masked), so a layer that uses it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+
+from moe_a2a.dispatchers.outputs import (
+    DeepEPLowLatencyOutput,
+    DeepEPNormalOutput,
+    DispatchOutput,
+    StandardDispatchOutput,
+)
+from moe_a2a.errors import MoeA2AError
+from moe_a2a.experts import ReferenceExperts, UnsupportedDispatchFormat
+from moe_a2a.weights import LocalExpertWeights
+
+RUNNER_CHOICES = ("auto", "reference", "grouped_mm")
+
+
+def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``[M, K] x [G, N, K]^T`` per group of rows: ``torch._grouped_mm(x, w.mT, offs=offsets)``."""
+    return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+
+
+class GroupedMMExperts:
+    """SwiGLU experts as ``torch._grouped_mm`` calls (gate, up, down): no per-expert loop, no
+    device-to-host read; math in the weights' dtype, weighted sums accumulated in float32."""
+
+    name = "grouped_mm"
+
+    @classmethod
+    def check_runnable(cls, device: torch.device, dtype: torch.dtype) -> Tuple[bool, str]:
+        if not hasattr(torch, "_grouped_mm"):
+            return False, f"torch {torch.__version__} has no torch._grouped_mm (needs torch >= 2.8)"
+        if torch.device(device).type == "cuda":
+            if dtype not in (torch.bfloat16,):
+                return False, (f"torch._grouped_mm on CUDA takes bfloat16 weights, got {dtype}; "
+                               f"fix: --dtype bfloat16 or --moe-runner-backend reference")
+            major, _ = torch.cuda.get_device_capability(torch.device(device))
+            if major < 9:
+                return False, (f"torch._grouped_mm needs compute capability 9.0+ (found "
+                               f"{major}.x); fix: --moe-runner-backend reference")
+        return True, ""
+
+    def __call__(self, out: DispatchOutput, weights: LocalExpertWeights) -> torch.Tensor:
+        for cls in type(out).__mro__:
+            consumer = self._CONSUMERS.get(cls)
+            if consumer is not None:
+                return consumer(self, out, weights)
+        raise UnsupportedDispatchFormat(
+            f"GroupedMMExperts cannot consume a {type(out).__name__} (supported: "
+            f"{', '.join(c.__name__ for c in self._CONSUMERS)})")
+
+    def _pairs(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+               order: torch.Tensor, counts: torch.Tensor, w: LocalExpertWeights) -> torch.Tensor:
+        """``[R, H]`` weighted sums over (row, k) pairs ``order`` grouped by expert (the routed
+        pairs first, ``counts`` per expert; the rest masked)."""
+        rows_total, k = int(topk_ids.shape[0]), int(topk_ids.shape[1])
+        result = torch.zeros(rows_total, x.shape[1], dtype=torch.float32, device=x.device)
+        if rows_total == 0 or k == 0:
+            return result.to(x.dtype)
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        pair_rows = torch.div(order, k, rounding_mode="floor")
+        xs = x.index_select(0, pair_rows).to(w.dtype)
+        h = F.silu(_grouped(xs, w.w_gate, offsets)) * _grouped(xs, w.w_up, offsets)
+        y = _grouped(h, w.w_down, offsets)
+        routed = torch.arange(order.numel(), device=x.device) < offsets[-1]  # past: not computed
+        pair_w = topk_weights.reshape(-1).index_select(0, order).float()
+        contrib = torch.where(routed[:, None], y.float() * pair_w[:, None],
+                              torch.zeros((), dtype=torch.float32, device=x.device))
+        result.index_add_(0, pair_rows, contrib)
+        return result.to(x.dtype)
+
+    def _standard(self, out: StandardDispatchOutput, w: LocalExpertWeights) -> torch.Tensor:
+        _check(out.hidden_states, w)
+        return self._pairs(out.hidden_states, out.topk_ids, out.topk_weights, out.pair_order,
+                           out.tokens_per_expert, w)
+
+    def _deepep_normal(self, out: DeepEPNormalOutput, w: LocalExpertWeights) -> torch.Tensor:
+        _check(out.hidden_states, w)
+        flat = out.topk_ids.reshape(-1)
+        key = torch.where(flat >= 0, flat, torch.full_like(flat, w.num_local_experts))
+        order = torch.argsort(key, stable=True)
+        counts = torch.tensor(out.num_recv_tokens_per_expert, dtype=torch.int64,
+                              device=out.hidden_states.device)
+        return self._pairs(out.hidden_states, out.topk_ids, out.topk_weights, order, counts, w)
+
+    def _deepep_low_latency(self, out: DeepEPLowLatencyOutput, w: LocalExpertWeights) -> torch.Tensor:
+        """Batched over experts on the whole masked buffer (padding rows computed, then zeroed)."""
+        x = out.hidden_states
+        if x.dim() != 3 or x.shape[0] != w.num_local_experts or x.shape[2] != w.hidden_size:
+            raise MoeA2AError(f"low-latency hidden_states has shape {tuple(x.shape)}; expected "
+                              f"[{w.num_local_experts}, cap * ep, {w.hidden_size}]")
+        xs = x.to(w.dtype)
+        h = F.silu(torch._grouped_mm(xs, w.w_gate.transpose(-2, -1))) * \
+            torch._grouped_mm(xs, w.w_up.transpose(-2, -1))
+        y = torch._grouped_mm(h, w.w_down.transpose(-2, -1))
+        valid = torch.arange(x.shape[1], device=x.device)[None, :] < out.masked_m.to(x.device)[:, None]
+        return torch.where(valid[:, :, None], y, torch.zeros((), dtype=y.dtype, device=y.device)).to(x.dtype)
+
+    _CONSUMERS: Dict[Type[DispatchOutput], Callable] = {
+        StandardDispatchOutput: _standard,
+        DeepEPNormalOutput: _deepep_normal,
+        DeepEPLowLatencyOutput: _deepep_low_latency,
+    }
+
+
+def _check(x: torch.Tensor, w: LocalExpertWeights) -> None:
+    if x.dim() != 2 or x.shape[1] != w.hidden_size:
+        raise MoeA2AError(f"dispatch output has hidden_states {tuple(x.shape)}; expected "
+                          f"[R, {w.hidden_size}]")
+
+
+def select_runner(name: str, device: torch.device, dtype: torch.dtype):
+    """The runner ``--moe-runner-backend name`` asks for, or an error saying why it cannot run.
+
+    ``auto`` picks ``grouped_mm`` on CUDA when it can run there, else ``reference`` (on CPU the
+    per-expert loop is as fast as the grouped call and exact in every dtype).
+    """
+    device = torch.device(device)
+    if name == "auto":
+        ok, _ = GroupedMMExperts.check_runnable(device, dtype)
+        return GroupedMMExperts() if device.type == "cuda" and ok else ReferenceExperts()
+    if name == "reference":
+        return ReferenceExperts()
+    if name == "grouped_mm":
+        ok, reason = GroupedMMExperts.check_runnable(device, dtype)
+        if not ok:
+            raise MoeA2AError(f"--moe-runner-backend grouped_mm cannot run on {device}: {reason}")
+        return GroupedMMExperts()
+    raise MoeA2AError(f"--moe-runner-backend {name!r} is not provided here; choose one of "
+                      f"{', '.join(RUNNER_CHOICES)}")
+
+
+__all__ = ["GroupedMMExperts", "RUNNER_CHOICES", "select_runner"]
