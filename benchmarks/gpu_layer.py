@@ -136,7 +136,8 @@ def layer_figures(stack: MoEStack, runner_name: str, x: torch.Tensor, measure, c
     touched = int(torch.unique(topk.ids).numel())
     weight_bytes = touched * 3 * h * i * x.element_size()
     out["experts_touched"] = touched
-    out["weight_read_floor_ms"] = weight_bytes / (card["copy_gb_per_s"] / 2 * 1e9) * 1e3
+    # the copy's rate counts bytes read + written: the rate at which HBM moves bytes
+    out["weight_read_floor_ms"] = weight_bytes / (card["copy_gb_per_s"] * 1e9) * 1e3
     out["layer_over_weight_floor"] = out["layer_ms"] / out["weight_read_floor_ms"]
     if graph and x.device.type == "cuda":
         out.update(graph_figures(stack, x, measure, repeats))
@@ -177,6 +178,7 @@ def main() -> None:
     opts = p.parse_args()
     device = torch.device(opts.device)
     if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)
         torch.cuda.set_device(device)
     measure = _timer(device)
     e, h, i, k = (16, 256, 128, 4) if opts.small else (256, 7168, 2048, 8)
@@ -205,7 +207,7 @@ def main() -> None:
     for t in (int(v) for v in opts.tokens.split(",")):
         x = torch.randn(t, h, generator=gen, device=device).to(torch.bfloat16)
         for name, stack in stacks.items():
-            graph = name == "grouped_mm" and t <= 512
+            graph = name == "grouped_mm"
             rows.append(layer_figures(stack, name, x, measure, card, opts.repeats, e, h, i, graph))
             print(json.dumps(rows[-1]), flush=True)
     result = {"card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
