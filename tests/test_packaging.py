@@ -54,3 +54,11 @@ def test_public_api_is_lazy_and_complete():
 
     for name in moe_a2a.__all__:
         assert getattr(moe_a2a, name) is not None, name
+
+
+def test_version_flag_and_attribute():
+    import moe_a2a
+
+    for cmd in ([sys.executable, "-m", "moe_a2a", "--version"],):
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.strip() == f"moe-a2a {moe_a2a.__version__}"

@@ -34,7 +34,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moe_a2a._version import __version__
+
     parser = _Parser(prog="moe-a2a", description="MoE all-to-all backends: configure, inspect, run.")
+    parser.add_argument("--version", action="version", version=f"moe-a2a {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
     for name, module_name in SUBCOMMANDS.items():
