@@ -11,7 +11,7 @@ from typing import Tuple
 
 from moe_a2a.backends.names import MoeA2ABackend
 from moe_a2a.backends.settings import CapacityRule, DeepEPSettings, MegaMoESettings
-from moe_a2a.backends.spec import BackendSpec, Requirement
+from moe_a2a.backends.spec import WATERFILL, BackendSpec, Requirement
 
 NONE = BackendSpec(
     name=MoeA2ABackend.NONE.value,
@@ -56,6 +56,7 @@ DEEPEP = BackendSpec(
     ),
     builtin=True,
     description="DeepEP buffers: normal (prefill), low_latency (decode), auto (per batch)",
+    features=(WATERFILL,),
     settings=DeepEPSettings,
     settings_fields={
         "mode": "deepep_mode",
@@ -91,6 +92,7 @@ MEGAMOE = BackendSpec(
     ),
     builtin=True,
     description="DeepGEMM Mega-MoE: fused dispatch + expert GEMMs + combine; large batches fall back to standard",
+    features=(WATERFILL,),  # SGLang 0.5.23 runs waterfill on megamoe too
     settings=MegaMoESettings,
     settings_fields={
         "num_max_tokens_per_rank": "mega_moe_num_max_tokens_per_rank",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Mapping
 
 from moe_a2a.backends.errors import UnknownBackendError
@@ -54,7 +55,7 @@ BUILTIN_NAMES = tuple(m.value for m in MoeA2ABackend)
 
 # A2A backends SGLang offers that moe-a2a does not ship: asking for one gets a specific
 # message (not "unknown") so that users moving launch scripts over know what happened.
-SGLANG_ONLY_BACKENDS: Mapping[str, str] = {
+SGLANG_ONLY_BACKENDS: Mapping[str, str] = MappingProxyType({
     "mooncake": "Mooncake EP",
     "nixl": "NIXL EP",
     "mori": "MORI EP (AMD)",
@@ -62,4 +63,6 @@ SGLANG_ONLY_BACKENDS: Mapping[str, str] = {
     "flashinfer": "FlashInfer all-to-all",
     "deepep_v2": "DeepEP v2",
     "pplx": "pplx-kernels all-to-all",
-}
+    "ascend_tp": "Ascend tensor-parallel MoE (NPU)",          # SGLang 0.5.23
+    "flashinfer_megamoe": "FlashInfer Mega-MoE (SM100)",      # SGLang 0.5.23
+})

@@ -368,6 +368,7 @@ def register_backend(
     min_compute_capability: Optional[Tuple[int, int]] = None,
     install_hint: str = "",
     description: str = "",
+    features: Iterable[str] = (),
     settings: Optional[type] = None,
     settings_fields: Optional[dict] = None,
     mode_setting: Optional[str] = None,
@@ -390,8 +391,9 @@ def register_backend(
     different entry under a registered name raises :class:`BackendConflictError`, and
     built-in names raise :class:`ReservedBackendNameError` (both ``ValueError``).
     ``requires`` accepts :class:`Requirement` objects or ``"module>=version"`` strings.
-    ``settings`` / ``settings_fields`` / ``mode_setting`` / ``capacities`` / ``fallback``
-    describe the backend's typed knobs and capacities (see :class:`BackendSpec`).
+    ``features`` names optional capabilities (``"waterfill"``); ``settings`` /
+    ``settings_fields`` / ``mode_setting`` / ``capacities`` / ``fallback`` describe the
+    backend's typed knobs and capacities (see :class:`BackendSpec`).
     """
 
     def build(target: Union[str, type]) -> BackendSpec:
@@ -399,7 +401,7 @@ def register_backend(
             name=name, dispatcher=target, token_layout=token_layout, ep_policy=ep_policy,
             fused_experts=fused_experts, modes=modes, cuda_graph_modes=cuda_graph_modes,
             devices=devices, requires=requires, min_compute_capability=min_compute_capability,
-            install_hint=install_hint, description=description,
+            install_hint=install_hint, description=description, features=tuple(features),
             settings=settings if settings is not None else NoSettings,
             settings_fields=settings_fields or {}, mode_setting=mode_setting,
             capacities=tuple(capacities), fallback=fallback,

@@ -26,6 +26,8 @@ Device = Literal["cpu", "cuda"]
 TOKEN_LAYOUTS: Tuple[str, ...] = ("replicated", "scattered")
 EP_POLICIES: Tuple[str, ...] = ("user", "tp")
 DEVICES: Tuple[str, ...] = ("cpu", "cuda")
+# Feature names the server arguments know how to require (``BackendSpec.features``).
+WATERFILL = "waterfill"
 
 # A backend name after normalisation: it travels through flags, env variables and JSON.
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -154,6 +156,9 @@ class BackendSpec:
         install_hint: what to run when a requirement is missing.
         builtin: shipped with moe-a2a (only the registry's own built-ins set it).
         description: one line for tables.
+        features: optional capabilities a server argument can require, as names (e.g.
+            ``"waterfill"``: the backend can place each token's fused shared-expert column on
+            the least-loaded rank, so ``--enable-deepep-waterfill`` may run on it).
         settings: the backend's typed settings class (a ``BackendSettings`` subclass).
         settings_fields: settings attribute -> server-argument field it is read from
             (e.g. ``{"mode": "deepep_mode"}``); attributes not listed keep their defaults.
@@ -179,6 +184,7 @@ class BackendSpec:
     install_hint: str = ""
     builtin: bool = False
     description: str = ""
+    features: Tuple[str, ...] = ()
     settings: type = NoSettings
     settings_fields: Mapping[str, str] = field(default_factory=dict, hash=False)
     mode_setting: Optional[str] = None
@@ -221,6 +227,7 @@ class BackendSpec:
                 f"subset of {list(DEVICES)}; fix: e.g. devices=('cuda',)"
             )
         set_("devices", devices)
+        set_("features", _check_names(name, "features", self.features))
         set_("requires", _check_requires(name, self.requires))
         set_("min_compute_capability", _check_cc(name, self.min_compute_capability, devices))
         for attr in ("install_hint", "description"):
@@ -288,6 +295,7 @@ class BackendSpec:
             ),
             "install_hint": self.install_hint,
             "description": self.description,
+            "features": list(self.features),
             "settings": f"{self.settings.__module__}:{self.settings.__qualname__}",
             "settings_fields": dict(self.settings_fields),
             "mode_setting": self.mode_setting,

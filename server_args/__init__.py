@@ -3,11 +3,12 @@
     from moe_a2a.server_args import resolve
     args = resolve(["--moe-a2a-backend", "deepep", "--tp-size", "8"])   # command line
     args = resolve(moe_a2a_backend="deepep", tp_size=8)                 # keywords (RL frameworks)
-    args.ep_size, args.decisions, args.explain()
+    args.ep_size, args.decisions, args.explain(), args.backend_settings, args.layout
     worker_args = ServerArgs.from_json(args.to_json())                  # workers: no env, no auto
 
-Precedence per field: command line / keywords > ``MOE_A2A_*`` > legacy SGLang variable >
-default. See ``docs/configuration.md``.
+Precedence per field (``PRECEDENCE``): command line / keywords > ``MOE_A2A_*`` > legacy SGLang
+variable > default. Every field is declared once (``fields.ServerArgsFields``). See
+``docs/configuration.md``.
 """
 
 from moe_a2a.server_args.cli import add_arguments, explicit_values, resolve_namespace
@@ -19,8 +20,11 @@ from moe_a2a.server_args.errors import (
 )
 from moe_a2a.server_args.fields import FIELDS, FieldSpec
 from moe_a2a.server_args.launch import LaunchEnv, read_launch_env
+from moe_a2a.server_args.layout import ParallelLayout
 from moe_a2a.server_args.model import Decision, ServerArgs
-from moe_a2a.server_args.resolve import PRECEDENCE, resolve
+from moe_a2a.server_args.resolve import resolve
+from moe_a2a.server_args.sources import PRECEDENCE, Source, SourceKind
+from moe_a2a.server_args.validate import batch_capacity_error
 
 __all__ = [
     "ConfigDeprecationWarning",
@@ -31,9 +35,13 @@ __all__ = [
     "FieldSpec",
     "LaunchEnv",
     "PRECEDENCE",
+    "ParallelLayout",
     "REMOVAL_RELEASE",
     "ServerArgs",
+    "Source",
+    "SourceKind",
     "add_arguments",
+    "batch_capacity_error",
     "explicit_values",
     "read_launch_env",
     "resolve",

@@ -1,4 +1,4 @@
-"""argparse wiring generated from the field table.
+"""argparse wiring generated from the field declaration.
 
 Every flag is added with ``default=argparse.SUPPRESS`` so that a parsed namespace holds only
 the flags given on the command line; defaults, environment and auto-configuration are applied
@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from types import MappingProxyType
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
-from moe_a2a.server_args.errors import REMOVAL_RELEASE, ConfigError
-from moe_a2a.server_args.fields import FIELDS, FIELD_NAMES, LEGACY_FLAG_NAMES, LEGACY_FLAGS, FieldSpec
+from moe_a2a.server_args.errors import REMOVAL_RELEASE, ConfigError, shown
+from moe_a2a.server_args.fields import (
+    FIELD_NAMES,
+    FIELDS,
+    LEGACY_FLAG_NAMES,
+    SPELLING_FLAGS,
+    FieldSpec,
+    SpellingFlag,
+)
 from moe_a2a.server_args.model import ServerArgs
 
-GROUP_TITLES = {
+GROUP_TITLES: Mapping[str, str] = MappingProxyType({
     "backend": "backend",
     "parallelism": "parallelism",
     "deepep": "DeepEP",
@@ -24,8 +32,9 @@ GROUP_TITLES = {
     "routed experts": "routed experts capture (R3)",
     "eplb": "expert-parallel load balancing (EPLB)",
     "batch limits": "batch limits (checked against per-rank capacities)",
-    "legacy": f"legacy SGLang flags (deprecated, removed in {REMOVAL_RELEASE})",
-}
+    "spellings": f"SGLang spellings of the flags above (the deprecated ones are removed in "
+                 f"{REMOVAL_RELEASE})",
+})
 
 
 def help_text(spec: FieldSpec) -> str:
@@ -42,15 +51,25 @@ def help_text(spec: FieldSpec) -> str:
     return "; ".join(parts).replace("%", "%%")  # argparse formats help with %
 
 
-def add_arguments(parser: Any) -> Any:
-    """Add every server flag (with aliases and the two legacy flags) to ``parser``.
+def _spelling_help(flag: SpellingFlag) -> str:
+    if flag.deprecated:
+        return f"deprecated: {flag.meaning} (removed in {REMOVAL_RELEASE})"
+    return f"SGLang {flag.version}: {flag.meaning}"
+
+
+Container = Union[argparse.ArgumentParser, "argparse._ArgumentGroup"]
+
+
+def add_arguments(parser: Container) -> Container:
+    """Add every server flag (with aliases and SGLang's spellings) to ``parser``.
 
     ``parser`` is an ``ArgumentParser`` (the flags are then sorted into titled groups) or an
     argument group of one (the flags all go into it: argparse deprecates nested groups).
+    Returns ``parser``.
     """
     groups: Dict[str, Any] = {}
 
-    def group(key: str):
+    def group(key: str) -> Any:
         if not isinstance(parser, argparse.ArgumentParser):
             return parser
         if key not in groups:
@@ -66,10 +85,13 @@ def add_arguments(parser: Any) -> Any:
             # values stay text here; resolve converts them with messages naming the flag
             kwargs["metavar"] = spec.metavar or spec.type.__name__.upper()
         group(spec.group).add_argument(*spec.flags, **kwargs)
-    for legacy in LEGACY_FLAGS:
-        group("legacy").add_argument(
-            legacy.flag, dest=legacy.name, action="store_true", default=argparse.SUPPRESS,
-            help=f"deprecated: {legacy.meaning} (removed in {REMOVAL_RELEASE})")
+    for flag in SPELLING_FLAGS:
+        kwargs = dict(dest=flag.name, default=argparse.SUPPRESS, help=_spelling_help(flag))
+        if flag.takes_value:
+            kwargs["metavar"] = "N"
+        else:
+            kwargs["action"] = "store_true"
+        group("spellings").add_argument(*flag.flags, **kwargs)
     return parser
 
 
@@ -87,6 +109,9 @@ def resolve_namespace(
     """Resolve from a namespace parsed by a parser that ``add_arguments`` filled."""
     from moe_a2a.server_args.resolve import resolve_sources
 
+    if not isinstance(namespace, argparse.Namespace):
+        raise ConfigError(f"resolve_namespace needs an argparse.Namespace, got "
+                          f"{type(namespace).__name__}; fix: pass parser.parse_args(...)")
     return resolve_sources(cli=explicit_values(namespace), kwargs={}, env=env, defaults=defaults)
 
 
@@ -98,11 +123,16 @@ class _RaisingParser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "server-args") -> argparse.ArgumentParser:
+    """A parser of the server flags alone whose errors raise ConfigError."""
     return add_arguments(_RaisingParser(prog=prog, allow_abbrev=False))
 
 
 def parse_argv(argv: Union[Sequence[str], str]) -> Dict[str, Any]:
-    """Parse server flags into explicit values."""
+    """Parse server flags (a list, or one string split like a shell) into explicit values."""
     if isinstance(argv, str):
-        argv = shlex.split(argv)
+        try:
+            argv = shlex.split(argv)
+        except ValueError as exc:  # unbalanced quotes, a trailing backslash
+            raise ConfigError(f"server arguments {shown(argv)} cannot be split like a shell "
+                              f"command line: {exc}; fix: balance the quotes") from None
     return explicit_values(build_parser().parse_args(list(argv)))

@@ -9,10 +9,18 @@ from __future__ import annotations
 import re
 import sys
 import warnings
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from types import MappingProxyType
+from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from moe_a2a.server_args.errors import REMOVAL_RELEASE
-from moe_a2a.server_args.fields import FIELDS, LEGACY_FLAGS, LEGACY_VARS, FIELDS_BY_NAME, format_value
+from moe_a2a.server_args.fields import (
+    FIELDS,
+    FIELDS_BY_NAME,
+    LEGACY_FLAGS,
+    LEGACY_VARS,
+    SGLANG_SPELLINGS,
+    format_value,
+)
 from moe_a2a.server_args.model import ServerArgs
 from moe_a2a.server_args.resolve import resolve
 
@@ -31,6 +39,10 @@ def flags_table() -> str:
         meaning = f.help + (f". Auto: {f.auto}" if f.auto else "")
         rows.append(f"| `{f.flag}`{neg} | {aliases} | {_cell(f.type_text)}{rng} | "
                     f"`{f.default_text()}` | `{f.env}` | {_cell(meaning)} |")
+    for spelling in SGLANG_SPELLINGS:
+        aliases = ", ".join(f"`{a}`" for a in spelling.aliases)
+        rows.append(f"| `{spelling.flag}` | {aliases} | int | | | SGLang {spelling.version}: "
+                    f"{_cell(spelling.meaning)} |")
     for legacy in LEGACY_FLAGS:
         rows.append(f"| `{legacy.flag}` | | bool | | | deprecated: {legacy.meaning}; removed in "
                     f"{REMOVAL_RELEASE} |")
@@ -56,37 +68,46 @@ def _quiet_resolve(argv: Sequence[str], env: Optional[Mapping[str, str]] = None)
         return resolve(list(argv), env=dict(env or {}))
 
 
-# (tp, dp, ep or None, backend, DP attention)
-LAYOUT_ROWS: Tuple[Tuple[int, int, Optional[int], str, bool], ...] = (
-    (8, 1, None, "none", False),
-    (8, 1, 8, "none", False),
-    (8, 8, None, "deepep", True),
-    (4, 2, None, "alltoall", True),
-    (4, 2, 2, "none", True),
-    (8, 2, None, "deepep", True),
-    (8, 1, None, "megamoe", False),
+class LayoutRow(NamedTuple):
+    """One example of the layout table."""
+
+    tp: int
+    dp: int
+    ep: Optional[int]  # None: not given
+    backend: str
+    dp_attention: bool
+
+    def argv(self) -> List[str]:
+        argv = ["--moe-a2a-backend", self.backend, "--tp-size", str(self.tp),
+                "--dp-size", str(self.dp)]
+        if self.ep is not None:
+            argv += ["--ep-size", str(self.ep)]
+        if self.dp_attention:
+            argv.append("--enable-dp-attention")
+        return argv
+
+
+LAYOUT_ROWS: Tuple[LayoutRow, ...] = (
+    LayoutRow(8, 1, None, "none", False),
+    LayoutRow(8, 1, 8, "none", False),
+    LayoutRow(8, 8, None, "deepep", True),
+    LayoutRow(4, 2, None, "alltoall", True),
+    LayoutRow(4, 2, 2, "none", True),
+    LayoutRow(8, 2, None, "deepep", True),
+    LayoutRow(8, 1, None, "megamoe", False),
 )
-
-
-def layout_argv(tp: int, dp: int, ep: Optional[int], backend: str, dp_attn: bool) -> List[str]:
-    argv = ["--moe-a2a-backend", backend, "--tp-size", str(tp), "--dp-size", str(dp)]
-    if ep is not None:
-        argv += ["--ep-size", str(ep)]
-    if dp_attn:
-        argv.append("--enable-dp-attention")
-    return argv
 
 
 def layout_table() -> str:
     rows = ["| tp | dp | ep given | backend | DP attention | attn_dp | attn_tp | moe_tp | ep | "
             "gather (capture on) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    for tp, dp, ep, backend, dp_attn in LAYOUT_ROWS:
-        a = _quiet_resolve(layout_argv(tp, dp, ep, backend, dp_attn)
-                           + ["--enable-return-routed-experts"])
-        rows.append(f"| {tp} | {dp} | {ep if ep is not None else '-'} | {backend} | "
-                    f"{'on' if dp_attn else 'off'} | {a.attn_dp_size} | {a.attn_tp_size} | "
-                    f"{a.moe_tp_size} | {a.ep_size} | {a.routed_experts_gather} |")
+    for row in LAYOUT_ROWS:
+        a = _quiet_resolve(row.argv() + ["--enable-return-routed-experts"])
+        rows.append(f"| {row.tp} | {row.dp} | {row.ep if row.ep is not None else '-'} | "
+                    f"{row.backend} | {'on' if row.dp_attention else 'off'} | {a.attn_dp_size} | "
+                    f"{a.attn_tp_size} | {a.moe_tp_size} | {a.ep_size} | "
+                    f"{a.routed_experts_gather} |")
     return "\n".join(rows)
 
 
@@ -104,57 +125,75 @@ def rank_table() -> str:
     return "\n".join(rows)
 
 
-# (rule, what it does, argv, env, fields the rule changes): the example's decisions on those
-# fields are shown; the run's other decisions are named after them.
-RULE_EXAMPLES: Tuple[Tuple[str, str, Tuple[str, ...], Mapping[str, str], Tuple[str, ...]], ...] = (
-    ("1", "`--enable-deepep-waterfill` selects deepep (an explicit other backend is an error) "
-          "and enforces shared-experts fusion",
-     ("--enable-deepep-waterfill", "--tp-size", "2"), {},
-     ("moe_a2a_backend", "enforce_shared_experts_fusion")),
-    ("2", "the legacy megamoe variable selects megamoe unless a backend is given explicitly",
-     ("--tp-size", "4"), {"SGLANG_OPT_USE_DEEPGEMM_MEGA_MOE": "1"}, ("moe_a2a_backend",)),
-    ("3", "backends with ep_policy `tp` derive ep_size = tp_size (an explicit different "
-          "`--ep-size` is an error)",
-     ("--moe-a2a-backend", "megamoe", "--tp-size", "8"), {}, ("ep_size",)),
-    ("4", "a fused-experts backend (megamoe) shares weights with its fallback unless "
-          "`--[no-]mega-moe-fix-memory` or `SGLANG_OPT_FIX_MEGA_MOE_MEMORY` is set",
-     ("--moe-a2a-backend", "megamoe"), {}, ("mega_moe_fix_memory",)),
-    ("5", "a backend mode that cannot be captured (deepep normal) turns CUDA graphs off "
-          "(an explicit `--no-disable-cuda-graph` is an error)",
-     ("--moe-a2a-backend", "deepep", "--deepep-mode", "normal", "--tp-size", "2"), {},
-     ("disable_cuda_graph",)),
-    ("6", "dp_size 1 turns DP attention off", ("--enable-dp-attention",), {},
-     ("enable_dp_attention",)),
-    ("7", "EPLB on: recorder mode `stat` and dispatch algorithm `static` when unset; EPLB "
-          "needs ep_size > 1",
-     ("--enable-eplb", "--tp-size", "4", "--ep-size", "4"), {},
-     ("expert_distribution_recorder_mode", "ep_dispatch_algorithm")),
-    ("8", "`--routed-experts-gather auto` resolves to `none` when no gather is needed",
-     ("--tp-size", "4", "--enable-return-routed-experts"), {}, ("routed_experts_gather",)),
-    ("8", "... to `early` for a scattered layout with CUDA graphs on",
-     ("--moe-a2a-backend", "deepep", "--deepep-mode", "low_latency", "--tp-size", "4",
-      "--enable-return-routed-experts"), {}, ("routed_experts_gather",)),
-    ("8", "... and to `late` for a scattered layout with CUDA graphs off",
-     ("--moe-a2a-backend", "deepep", "--deepep-mode", "normal", "--tp-size", "4",
-      "--enable-return-routed-experts"), {}, ("routed_experts_gather",)),
+class RuleExample(NamedTuple):
+    """A rule and a run that shows it: the run's decisions on ``fields`` are printed, its
+    other decisions named after them."""
+
+    rule: str
+    text: str
+    argv: Tuple[str, ...]
+    env: Mapping[str, str]
+    fields: Tuple[str, ...]
+
+
+def _rule(rule: str, text: str, argv: Sequence[str], fields: Sequence[str],
+          env: Optional[Mapping[str, str]] = None) -> RuleExample:
+    return RuleExample(rule=rule, text=text, argv=tuple(argv), env=dict(env or {}),
+                       fields=tuple(fields))
+
+
+RULE_EXAMPLES: Tuple[RuleExample, ...] = (
+    _rule("1", "`--enable-deepep-waterfill` needs a backend with the `waterfill` feature "
+               "(deepep, megamoe): without an explicit backend it selects the first built-in "
+               "that has it (an explicit backend without it is an error); shared-experts fusion "
+               "is enforced",
+          ["--enable-deepep-waterfill", "--tp-size", "2"],
+          ["moe_a2a_backend", "enforce_shared_experts_fusion"]),
+    _rule("2", "the legacy megamoe variable selects megamoe unless a backend is given explicitly",
+          ["--tp-size", "4"], ["moe_a2a_backend"], env={"SGLANG_OPT_USE_DEEPGEMM_MEGA_MOE": "1"}),
+    _rule("3", "backends with ep_policy `tp` derive ep_size = tp_size (an explicit different "
+               "`--ep-size` is an error)",
+          ["--moe-a2a-backend", "megamoe", "--tp-size", "8"], ["ep_size"]),
+    _rule("4", "a backend knob that was not given takes the backend's own default (its "
+               "settings class): megamoe shares weights with its fallback unless "
+               "`--[no-]mega-moe-fix-memory` or `SGLANG_OPT_FIX_MEGA_MOE_MEMORY` is set",
+          ["--moe-a2a-backend", "megamoe"], ["mega_moe_fix_memory"]),
+    _rule("5", "a backend mode that cannot be captured (deepep normal) turns CUDA graphs off "
+               "(an explicit `--no-disable-cuda-graph` is an error)",
+          ["--moe-a2a-backend", "deepep", "--deepep-mode", "normal", "--tp-size", "2"],
+          ["disable_cuda_graph"]),
+    _rule("6", "dp_size 1 turns DP attention off", ["--enable-dp-attention"],
+          ["enable_dp_attention"]),
+    _rule("7", "EPLB on: recorder mode `stat` and dispatch algorithm `static` when unset; EPLB "
+               "needs ep_size > 1",
+          ["--enable-eplb", "--tp-size", "4", "--ep-size", "4"],
+          ["expert_distribution_recorder_mode", "ep_dispatch_algorithm"]),
+    _rule("8", "`--routed-experts-gather auto` resolves to `none` when no gather is needed",
+          ["--tp-size", "4", "--enable-return-routed-experts"], ["routed_experts_gather"]),
+    _rule("8", "... to `early` for a scattered layout with CUDA graphs on",
+          ["--moe-a2a-backend", "deepep", "--deepep-mode", "low_latency", "--tp-size", "4",
+           "--enable-return-routed-experts"], ["routed_experts_gather"]),
+    _rule("8", "... and to `late` for a scattered layout with CUDA graphs off",
+          ["--moe-a2a-backend", "deepep", "--deepep-mode", "normal", "--tp-size", "4",
+           "--enable-return-routed-experts"], ["routed_experts_gather"]),
 )
 
 
 def rules_section() -> str:
     out: List[str] = []
-    for rule, text, argv, env, fields in RULE_EXAMPLES:
-        a = _quiet_resolve(argv, env)
-        prefix = " ".join(f"{k}={v}" for k, v in env.items())
-        cmd = " ".join(filter(None, [prefix, "moe-a2a config", " ".join(argv)]))
-        out.append(f"**Rule {rule}.** {text}. Example: `{cmd}`")
+    for ex in RULE_EXAMPLES:
+        a = _quiet_resolve(ex.argv, ex.env)
+        prefix = " ".join(f"{k}={v}" for k, v in ex.env.items())
+        cmd = " ".join(filter(None, [prefix, "moe-a2a config", " ".join(ex.argv)]))
+        out.append(f"**Rule {ex.rule}.** {ex.text}. Example: `{cmd}`")
         out.append("")
-        shown = [d for d in a.decisions if d.field in fields]
+        shown = [d for d in a.decisions if d.field in ex.fields]
         if not shown:  # the example no longer shows its rule: the doc would be wrong
-            raise AssertionError(f"rule {rule} example {argv} made no decision on {fields}")
+            raise AssertionError(f"rule {ex.rule} example {ex.argv} made no decision on {ex.fields}")
         for d in shown:
             out.append(f"- `{d.field}`: `{format_value(d.from_)}` → `{format_value(d.to)}` — "
                        f"{d.reason}")
-        others = [d.field for d in a.decisions if d.field not in fields]
+        others = [d.field for d in a.decisions if d.field not in ex.fields]
         if others:
             out.append(f"- (other decisions of this run: {', '.join(f'`{o}`' for o in others)})")
         out.append("")
@@ -167,9 +206,9 @@ ERROR_EXAMPLES: Tuple[Tuple[str, ...], ...] = (
     ("--tp-size", "4", "--dp-size", "3", "--enable-dp-attention"),
     ("--enable-eplb",),
     ("--moe-a2a-backend", "deepep", "--deepep-mode", "low_latency", "--tp-size", "2",
-     "--cuda-graph-max-bs", "256"),
+     "--cuda-graph-max-bs", "512"),
     ("--moe-a2a-backend", "megamoe", "--tp-size", "4", "--enable-dp-attention", "--dp-size", "2",
-     "--max-running-requests", "4096"),
+     "--cuda-graph-max-bs", "4096"),
     ("--disable-shared-experts-fusion", "--enforce-shared-experts-fusion"),
     ("--moe-a2a-backend", "mooncake"),
 )
@@ -189,14 +228,14 @@ def errors_section() -> str:
     return "\n".join(out)
 
 
-BLOCKS: Dict[str, Callable[[], str]] = {
+BLOCKS: Mapping[str, Callable[[], str]] = MappingProxyType({
     "errors": errors_section,
     "flags": flags_table,
     "legacy": legacy_table,
     "rules": rules_section,
     "layout": layout_table,
     "ranks": rank_table,
-}
+})
 
 _BLOCK_RE = re.compile(
     r"(<!-- BEGIN generated:(?P<name>[a-z]+) -->\n)(?P<body>.*?)\n?(<!-- END generated:(?P=name) -->)",

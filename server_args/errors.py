@@ -25,3 +25,21 @@ class ConfigDeprecationWarning(FutureWarning):
     A ``FutureWarning`` (shown by default) rather than a ``DeprecationWarning`` (hidden outside
     ``__main__``): the people who must act are the ones launching jobs, not library developers.
     """
+
+
+# Values echoed in messages are cut to this many characters: an error names the value, it
+# does not reprint a 10 kB JSON document or a pasted file.
+ECHO_LIMIT = 80
+
+
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` cut to ``limit`` characters, with the cut marked (``'...' (1234 chars)``)."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[: max(limit - 3, 1)]}... ({len(text)} chars)"
+
+
+def shown(value: object, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)`` clipped: how a raw value is echoed in an error message."""
+    return clip(repr(value), limit)

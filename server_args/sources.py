@@ -1,31 +1,108 @@
-"""Reading the sources: ``MOE_A2A_*`` variables, legacy SGLang variables, and files named by flags.
+"""Where values come from: the typed ``Source`` of each field, the precedence order, and the
+readers of the environment (``MOE_A2A_*`` variables, legacy and unused SGLang variables).
 
 This package is the only place in moe-a2a that reads ``os.environ`` for configuration; the
-functions here take the mapping explicitly, and only ``resolve`` substitutes ``os.environ``.
+readers here take the mapping explicitly, and only ``resolve`` substitutes ``os.environ``.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
-import os
+import enum
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
-from moe_a2a.server_args.errors import ConfigError
-from moe_a2a.server_args.fields import (
-    ENV_PREFIX,
-    FIELDS,
-    FIELDS_BY_ENV,
-    FIELDS_BY_NAME,
-    LEGACY_VARS,
-    LegacyVar,
-    _to_bool,
-)
-from moe_a2a.server_args.validate import check_expert_location_json, expert_location_kind, parse_json_object
+from moe_a2a.server_args.errors import ConfigError, clip, shown
 
 
-def _present(env: Mapping[str, str], var: str) -> Optional[str]:
+class SourceKind(str, enum.Enum):
+    """The kinds of sources, by name (``str`` values: they travel through JSON)."""
+
+    DEFAULT = "default"          # built-in, or a caller's ``defaults=``
+    LEGACY_ENV = "legacy_env"    # an SGLang variable (SGLANG_* / SGL_*)
+    ENV = "env"                  # a MOE_A2A_* variable
+    CLI = "cli"                  # the command line (argv or a parsed namespace)
+    KWARGS = "kwargs"            # keyword arguments of resolve()
+    AUTO = "auto"                # changed by auto-configuration (a Decision says why)
+
+
+# The precedence order, lowest first: the resolver applies the layers in this order, so a
+# later kind overrides an earlier one. AUTO is not a layer: it comes after resolution.
+PRECEDENCE: Tuple[SourceKind, ...] = (
+    SourceKind.DEFAULT, SourceKind.LEGACY_ENV, SourceKind.ENV, SourceKind.CLI, SourceKind.KWARGS)
+
+# Given on purpose by the user: an automatic rule never overrides these (it raises instead).
+EXPLICIT: Tuple[SourceKind, ...] = (SourceKind.ENV, SourceKind.CLI, SourceKind.KWARGS)
+# Kinds that name the variable they were read from.
+_WITH_VARIABLE: Tuple[SourceKind, ...] = (SourceKind.ENV, SourceKind.LEGACY_ENV)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one field's value came from.
+
+    Attributes:
+        kind: the layer (see :class:`SourceKind`).
+        variable: the environment variable read, for ``env`` and ``legacy_env``; else None.
+
+    ``str(source)`` is the JSON and table form: ``cli``, ``env:MOE_A2A_EP_SIZE``,
+    ``legacy_env:SGLANG_DEEPEP_NUM_MAX_DISPATCH_TOKENS_PER_RANK`` ...
+    """
+
+    kind: SourceKind
+    variable: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", SourceKind(self.kind))
+        if (self.variable is not None) != (self.kind in _WITH_VARIABLE):
+            raise ConfigError(f"source kind {self.kind.value!r} "
+                              f"{'needs' if self.kind in _WITH_VARIABLE else 'takes no'} variable "
+                              f"(got {shown(self.variable)})")
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}:{self.variable}" if self.variable else self.kind.value
+
+    @property
+    def explicit(self) -> bool:
+        """Given on purpose: command line, keywords or a ``MOE_A2A_*`` variable."""
+        return self.kind in EXPLICIT
+
+    @property
+    def is_set(self) -> bool:
+        """Explicit, or from a legacy variable: anything but a default or an automatic change."""
+        return self.explicit or self.kind is SourceKind.LEGACY_ENV
+
+    @classmethod
+    def parse(cls, text: Any) -> "Source":
+        """The inverse of ``str()``; a ConfigError for anything else (JSON input)."""
+        if isinstance(text, Source):
+            return text
+        if not isinstance(text, str):
+            raise ConfigError(f"source {shown(text)} is not text; expected one of "
+                              f"{', '.join(k.value for k in SourceKind)} (env kinds as kind:VAR)")
+        kind, _, variable = text.partition(":")
+        try:
+            return cls(SourceKind(kind), variable or None)
+        except ValueError:
+            raise ConfigError(f"source {shown(text)} is not understood; expected one of "
+                              f"{', '.join(k.value for k in SourceKind)} (env kinds as "
+                              f"kind:VAR)") from None
+
+
+DEFAULT = Source(SourceKind.DEFAULT)
+CLI = Source(SourceKind.CLI)
+KWARGS = Source(SourceKind.KWARGS)
+AUTO = Source(SourceKind.AUTO)
+
+
+# ---- environment -------------------------------------------------------------------------------
+
+ENV_PREFIX = "MOE_A2A_"
+SGLANG_PREFIX = "SGLANG_"
+OLD_SGLANG_PREFIX = "SGL_"  # SGLang's older prefix, still honoured by SGLang itself
+
+
+def present(env: Mapping[str, str], var: str) -> Optional[str]:
     """The variable's text, or None when unset or empty (``VAR=`` counts as unset)."""
     raw = env.get(var)
     if raw is None or not str(raw).strip():
@@ -33,94 +110,72 @@ def _present(env: Mapping[str, str], var: str) -> Optional[str]:
     return str(raw)
 
 
-def read_moe_env(env: Mapping[str, str]) -> Iterator[Tuple[str, Any, str]]:
-    """``(field, value, source)`` for every ``MOE_A2A_<FIELD>`` variable that is set."""
-    for spec in FIELDS:
-        raw = _present(env, spec.env)
-        if raw is not None:
-            yield spec.name, spec.convert(raw, f"{spec.env}={raw!r}"), f"env:{spec.env}"
+@dataclass(frozen=True)
+class EnvValue:
+    """One SGLang variable as read: the name found, its text, and the notes to report."""
+
+    name: str            # the spelling that was read (SGLANG_X or SGL_X)
+    raw: str
+    notes: Tuple[str, ...] = ()
 
 
-def unknown_moe_env(env: Mapping[str, str]) -> List[str]:
+def old_spelling(var: str) -> str:
+    """``SGLANG_X`` → ``SGL_X``: the prefix SGLang used before."""
+    return OLD_SGLANG_PREFIX + var[len(SGLANG_PREFIX):]
+
+
+def read_sglang_var(env: Mapping[str, str], var: str) -> Optional[EnvValue]:
+    """An SGLang variable under its ``SGLANG_`` name or SGLang's older ``SGL_`` spelling.
+
+    Both spellings set: ``SGLANG_`` wins (SGLang itself lets the old one overwrite the new one;
+    moe-a2a keeps the current name authoritative), with a note when they disagree.
+    """
+    new, old = present(env, var), present(env, old_spelling(var))
+    if new is None and old is None:
+        return None
+    if old is None:
+        return EnvValue(var, new)
+    note = (f"{old_spelling(var)} is SGLang's older spelling of {var}; it is honoured, but rename "
+            f"it to {var}")
+    if new is None:
+        return EnvValue(old_spelling(var), old, (note,))
+    if new.strip() != old.strip():
+        note = (f"{old_spelling(var)}={clip(old)} is ignored: {var}={clip(new)} is also set and "
+                f"takes precedence (SGLang would let the old spelling win)")
+        return EnvValue(var, new, (note,))
+    return EnvValue(var, new)
+
+
+def unknown_moe_env(env: Mapping[str, str], known: Mapping[str, Any]) -> List[str]:
     """Warnings for ``MOE_A2A_*`` variables that name no field (a typo would otherwise be lost)."""
     out = []
-    for var in sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in FIELDS_BY_ENV):
-        close = difflib.get_close_matches(var, list(FIELDS_BY_ENV), n=1)
+    for var in sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known):
+        close = difflib.get_close_matches(var, list(known), n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
-        out.append(f"{var} is not a moe-a2a setting and is ignored{hint} (variables are "
+        out.append(f"{clip(var)} is not a moe-a2a setting and is ignored{hint} (variables are "
                    f"MOE_A2A_<FIELD>, e.g. MOE_A2A_EP_SIZE; see docs/configuration.md)")
     return out
 
 
-@dataclass(frozen=True)
-class LegacyValue:
-    """A legacy variable that is set: its text and the field value it stands for."""
-
-    var: LegacyVar
-    raw: str
-    value: Any  # None: set, but it does not set the field (e.g. the megamoe switch set to 0)
-
-    @property
-    def source(self) -> str:
-        return f"legacy_env:{self.var.var}"
-
-
-def read_legacy_env(env: Mapping[str, str]) -> Iterator[LegacyValue]:
-    for legacy in LEGACY_VARS:
-        raw = _present(env, legacy.var)
-        if raw is None:
-            continue
-        given = f"{legacy.var}={raw!r}"
-        spec = FIELDS_BY_NAME[legacy.field]
-        parsed = _to_bool(raw, given) if legacy.type is bool else spec.convert(raw, given)
-        value = legacy.value(parsed)
-        if value is not None:
-            value = spec.convert(value, given)
-        yield LegacyValue(legacy, raw, value)
+def check_env(env: Any) -> Mapping[str, str]:
+    """``env`` as given to ``resolve``: a mapping of text to text, else a ConfigError."""
+    if not isinstance(env, Mapping):
+        raise ConfigError(f"env={shown(env)} must be a mapping of variable names to text (or None "
+                          f"for os.environ); fix: pass e.g. env={{}} or env=dict(os.environ)")
+    bad: Dict[Any, Any] = {k: v for k, v in env.items()
+                           if not isinstance(k, str) or not isinstance(v, str)}
+    relevant = {k: v for k, v in bad.items() if not isinstance(k, str) or
+                k.startswith((ENV_PREFIX, SGLANG_PREFIX, OLD_SGLANG_PREFIX))}
+    if relevant:
+        key, value = next(iter(relevant.items()))
+        raise ConfigError(f"env[{shown(key)}]={shown(value)}: environment variables are text; "
+                          f"fix: pass str keys and str values, e.g. env={{'MOE_A2A_TP_SIZE': '4'}}")
+    return env
 
 
-def load_deepep_config(value: str, given: str) -> Tuple[str, Optional[str]]:
-    """``--deepep-config``: JSON text, or a path whose contents are read now.
-
-    Returns ``(json_text, path)``; ``path`` is None for inline text. Workers get the text, so
-    they never need the file.
-    """
-    if value.lstrip().startswith("{"):
-        parse_json_object(value, given)
-        return value, None
-    path = os.path.expanduser(value)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{given}: neither JSON object text nor an existing file ({path!r} not "
-                          f"found); fix: pass JSON text like '{{\"num_sms\": 24}}' or the path "
-                          f"of a JSON file")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except OSError as exc:
-        raise ConfigError(f"{given}: cannot read {path!r}: {exc}; fix: check the file's "
-                          f"permissions") from None
-    obj = parse_json_object(text, f"{given} (file {path})")
-    return json.dumps(obj, separators=(",", ":")), path
-
-
-def check_expert_location(value: str, given: str) -> str:
-    """``--init-expert-location``: check the file exists (and its keys for .json).
-
-    Returns the value, with a relative path made absolute so workers started elsewhere find it.
-    """
-    kind = expert_location_kind(value, given)
-    if kind != "file":
-        return value
-    path = os.path.abspath(os.path.expanduser(value.strip()))
-    if not os.path.isfile(path):
-        raise ConfigError(f"{given}: file {path!r} not found; fix: pass an existing .json or .pt "
-                          f"file, JSON text, or 'trivial'")
-    if path.endswith(".json"):
-        try:
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
-        except OSError as exc:
-            raise ConfigError(f"{given}: cannot read {path!r}: {exc}") from None
-        what = f"{given} (file {path})"
-        check_expert_location_json(parse_json_object(text, what), what)
-    return path
+def sglang_vars_in(env: Mapping[str, str]) -> Iterator[str]:
+    """Names of the ``SGLANG_*``/``SGL_*`` variables that are set (non-empty)."""
+    for key in env:
+        if isinstance(key, str) and key.startswith((SGLANG_PREFIX, OLD_SGLANG_PREFIX)) \
+                and present(env, key) is not None:
+            yield key

@@ -218,7 +218,8 @@ def test_unknown_backend_lists_registered_names_and_suggests():
 @pytest.mark.parametrize("name", sorted(SGLANG_ONLY_BACKENDS))
 def test_sglang_only_names_get_a_specific_message(name):
     assert set(SGLANG_ONLY_BACKENDS) == {"mooncake", "nixl", "mori", "ascend_fuseep", "flashinfer",
-                                         "deepep_v2", "pplx"}
+                                         "deepep_v2", "pplx",
+                                         "ascend_tp", "flashinfer_megamoe"}  # SGLang 0.5.23
     with pytest.raises(UnknownBackendError) as info:
         get_backend(name.upper().replace("_", "-"))
     msg = str(info.value)

@@ -20,14 +20,17 @@ from moe_a2a.server_args import (
     ConfigError,
     ConfigWarning,
     Decision,
+    ParallelLayout,
     ServerArgs,
+    Source,
+    SourceKind,
     add_arguments,
     explicit_values,
     read_launch_env,
     resolve,
     resolve_namespace,
 )
-from moe_a2a.server_args.fields import BOOL_FALSE, BOOL_TRUE, FIELD_NAMES
+from moe_a2a.server_args.fields import BOOL_FALSE, BOOL_TRUE, FIELD_NAMES, FIELDS_BY_NAME, Kind
 
 
 def R(argv=(), env=None, **kwargs) -> ServerArgs:
@@ -43,6 +46,13 @@ def err(argv=(), env=None, **kwargs) -> str:
     message = str(info.value)
     assert "\n" not in message  # the CLI prints one line
     return message
+
+
+def src(args: ServerArgs, field: str) -> str:
+    """A field's source in its text form (``cli``, ``env:MOE_A2A_TP_SIZE`` ...)."""
+    source = args.sources[field]
+    assert isinstance(source, Source)  # typed, not a string
+    return str(source)
 
 
 def decision(args: ServerArgs, field: str) -> Decision:
@@ -68,12 +78,20 @@ def test_defaults_resolve_to_a_valid_config():
     assert a.init_expert_location == "trivial"
     assert a.routed_experts_gather == "none"
     assert a.warnings == ()
-    assert all(a.sources[f.name] in ("default", "auto") for f in FIELDS)
+    assert all(src(a, f.name) in ("default", "auto") for f in FIELDS)
 
 
-def test_field_table_matches_the_dataclass_and_spec_flags():
-    names = [f.name for f in dataclasses.fields(ServerArgs)][: len(FIELD_NAMES)]
-    assert tuple(names) == FIELD_NAMES
+def test_field_table_is_derived_from_the_model_declaration():
+    assert tuple(ServerArgs.model_fields) == FIELD_NAMES
+    spec = FIELDS_BY_NAME["deepep_num_max_dispatch_tokens_per_rank"]
+    info = ServerArgs.model_fields[spec.name]
+    assert (spec.default, spec.max, spec.type) == (info.default, 1024, int)
+    assert [legacy.var for legacy in spec.legacy] == ["SGLANG_DEEPEP_NUM_MAX_DISPATCH_TOKENS_PER_RANK"]
+    assert FIELDS_BY_NAME["cuda_graph_max_bs"].nullable
+    assert FIELDS_BY_NAME["deepep_config"].kind is Kind.JSON_OBJECT
+
+
+def test_field_table_has_the_spec_flags():
     flags = {flag for f in FIELDS for flag in f.flags}
     for flag in ("--moe-a2a-backend", "--tp-size", "--tensor-parallel-size", "--tp", "--dp-size",
                  "--data-parallel-size", "--dp", "--ep-size", "--expert-parallel-size", "--ep",
@@ -118,7 +136,7 @@ def test_precedence_matrix(present):
     a = R(argv, env, defaults=defaults, **kwargs)
     winner = present[-1] if present else None
     assert getattr(a, CAP) == (CAP_VALUES[winner] if winner else 128)
-    assert a.sources[CAP] == (CAP_SOURCES[winner] if winner else "default")
+    assert src(a, CAP) == (CAP_SOURCES[winner] if winner else "default")
     conflict = [w for w in a.warnings if "is ignored" in w]
     legacy_lost = "legacy" in present and winner != "legacy"
     assert len(conflict) == (1 if legacy_lost else 0)
@@ -129,6 +147,34 @@ def test_precedence_matrix(present):
 
 def test_precedence_is_declared_in_one_place():
     assert PRECEDENCE == ("default", "legacy_env", "env", "cli", "kwargs")
+    assert all(isinstance(kind, SourceKind) for kind in PRECEDENCE)
+
+
+def test_the_resolver_reads_the_precedence_order(monkeypatch):
+    """Reversing the data reverses who wins: the order is read, not hard-coded."""
+    import importlib
+
+    resolve_module = importlib.import_module("moe_a2a.server_args.resolve")
+    monkeypatch.setattr(resolve_module, "PRECEDENCE", tuple(reversed(PRECEDENCE)))
+    a = R(["--tp-size", "2"], {"MOE_A2A_TP_SIZE": "4"}, tp_size=8)
+    assert a.tp_size == 1 and src(a, "tp_size") == "default"
+
+
+def test_sources_are_typed():
+    a = R(["--tp-size", "2", "--moe-a2a-backend", "deepep"],
+          {"SGLANG_DEEPEP_NUM_MAX_DISPATCH_TOKENS_PER_RANK": "64", "MOE_A2A_ENABLE_EPLB": "0"})
+    assert a.sources["tp_size"] == Source(SourceKind.CLI)
+    assert a.sources["ep_size"].kind is SourceKind.AUTO and a.sources["ep_size"].variable is None
+    legacy = a.sources[CAP]
+    assert (legacy.kind, legacy.variable) == (SourceKind.LEGACY_ENV,
+                                             "SGLANG_DEEPEP_NUM_MAX_DISPATCH_TOKENS_PER_RANK")
+    assert legacy.is_set and not legacy.explicit
+    assert a.sources["enable_eplb"] == Source(SourceKind.ENV, "MOE_A2A_ENABLE_EPLB")
+    assert Source.parse(str(legacy)) == legacy
+    with pytest.raises(ConfigError, match="not understood"):
+        Source.parse("telepathy")
+    with pytest.raises(ConfigError, match="needs variable"):
+        Source(SourceKind.ENV)
 
 
 def test_legacy_that_agrees_with_the_flag_only_deprecates():
@@ -140,9 +186,9 @@ def test_legacy_that_agrees_with_the_flag_only_deprecates():
 def test_caller_defaults_are_defaults_env_overrides_them():
     a = R(defaults={"moe_a2a_backend": "alltoall", "tp_size": 2})
     assert (a.moe_a2a_backend, a.tp_size, a.ep_size) == ("alltoall", 2, 2)
-    assert a.sources["tp_size"] == "default"
+    assert src(a, "tp_size") == "default"
     b = R(env={"MOE_A2A_TP_SIZE": "4"}, defaults={"moe_a2a_backend": "alltoall", "tp_size": 2})
-    assert (b.tp_size, b.ep_size, b.sources["tp_size"]) == (4, 4, "env:MOE_A2A_TP_SIZE")
+    assert (b.tp_size, b.ep_size, src(b, "tp_size")) == (4, 4, "env:MOE_A2A_TP_SIZE")
     c = R(env={"SGLANG_OPT_USE_DEEPGEMM_MEGA_MOE": "1"}, defaults={"moe_a2a_backend": "alltoall"})
     assert c.moe_a2a_backend == "megamoe"
     assert decision(c, "moe_a2a_backend").from_ == "alltoall"
@@ -155,7 +201,7 @@ def test_caller_default_for_ep_is_replaced_by_derivation():
 
 def test_kwargs_apply_after_argv():
     a = R(["--tp-size", "2"], tp_size=4)
-    assert a.tp_size == 4 and a.sources["tp_size"] == "kwargs"
+    assert a.tp_size == 4 and src(a, "tp_size") == "kwargs"
 
 
 # ---- environment parsing -------------------------------------------------------------------------
@@ -164,14 +210,14 @@ def test_kwargs_apply_after_argv():
 def test_boolean_true_spellings(text):
     a = R(env={"MOE_A2A_ENABLE_RETURN_ROUTED_EXPERTS": text})
     assert a.enable_return_routed_experts is True
-    assert a.sources["enable_return_routed_experts"] == "env:MOE_A2A_ENABLE_RETURN_ROUTED_EXPERTS"
+    assert src(a, "enable_return_routed_experts") == "env:MOE_A2A_ENABLE_RETURN_ROUTED_EXPERTS"
 
 
 @pytest.mark.parametrize("text", [s for t in BOOL_FALSE for s in (t, t.upper(), f" {t} ")])
 def test_boolean_false_spellings(text):
     a = R(["--enable-return-routed-experts"], env={"MOE_A2A_DISABLE_CUDA_GRAPH": text})
     assert a.disable_cuda_graph is False
-    assert a.sources["disable_cuda_graph"] == "env:MOE_A2A_DISABLE_CUDA_GRAPH"
+    assert src(a, "disable_cuda_graph") == "env:MOE_A2A_DISABLE_CUDA_GRAPH"
 
 
 @pytest.mark.parametrize("var", ["MOE_A2A_ENABLE_EPLB", "SGLANG_OPT_FIX_MEGA_MOE_MEMORY",
@@ -195,7 +241,8 @@ def test_int_env_with_spaces_and_empty_means_unset():
     assert a.tp_size == 1 and a.moe_a2a_backend == "none" and a.warnings == ()
 
 
-ENV_SAMPLES = {"moe_a2a_backend": "alltoall", "deepep_mode": "auto", "deepep_config": "{}",
+ENV_SAMPLES = {"moe_a2a_backend": "alltoall", "moe_runner_backend": "grouped_mm",
+               "deepep_mode": "auto", "deepep_config": "{}",
                "init_expert_location": "trivial", "routed_experts_gather": "none"}
 
 
@@ -209,7 +256,7 @@ def test_every_field_has_a_working_env_variable(field):
     if field.name == "enable_eplb":
         env["MOE_A2A_EP_SIZE"] = "2"
     a = R(env=env)
-    assert a.sources[field.name] == f"env:{field.env}"
+    assert src(a, field.name) == f"env:{field.env}"
 
 
 def test_unknown_moe_a2a_variable_warns_with_suggestion():
@@ -224,7 +271,7 @@ def test_env_none_reads_os_environ(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         a = resolve([])
-    assert a.tp_size == 2 and a.sources["tp_size"] == "env:MOE_A2A_TP_SIZE"
+    assert a.tp_size == 2 and src(a, "tp_size") == "env:MOE_A2A_TP_SIZE"
     assert R().tp_size == 1  # env={} ignores it
 
 
@@ -234,7 +281,7 @@ def test_legacy_megamoe_selects_megamoe_with_decision_and_deprecation():
     with pytest.warns(ConfigDeprecationWarning, match="SGLANG_OPT_USE_DEEPGEMM_MEGA_MOE"):
         a = resolve(["--tp-size", "4"], env={"SGLANG_OPT_USE_DEEPGEMM_MEGA_MOE": "1"})
     assert (a.moe_a2a_backend, a.ep_size) == ("megamoe", 4)
-    assert a.sources["moe_a2a_backend"] == "legacy_env:SGLANG_OPT_USE_DEEPGEMM_MEGA_MOE"
+    assert src(a, "moe_a2a_backend") == "legacy_env:SGLANG_OPT_USE_DEEPGEMM_MEGA_MOE"
     d = decision(a, "moe_a2a_backend")
     assert (d.from_, d.to) == ("none", "megamoe")
     (dep,) = [w for w in a.warnings if "deprecated" in w]
@@ -274,7 +321,7 @@ def test_legacy_variables_map_to_fields(var, value, field, expected, flag):
     with pytest.warns(ConfigDeprecationWarning) as record:
         a = resolve(argv, env={var: value})
     assert getattr(a, field) == expected
-    assert a.sources[field] == f"legacy_env:{var}"
+    assert src(a, field) == f"legacy_env:{var}"
     messages = [str(r.message) for r in record if r.category is ConfigDeprecationWarning]
     assert any(var in m and flag in m and REMOVAL_RELEASE in m for m in messages)
     assert not has_decision(a, field)  # set by the user (through the legacy name): no auto change
@@ -282,7 +329,7 @@ def test_legacy_variables_map_to_fields(var, value, field, expected, flag):
 
 def test_legacy_flag_enable_deepep_moe():
     a = R(["--enable-deepep-moe", "--tp-size", "2"])
-    assert a.moe_a2a_backend == "deepep" and a.sources["moe_a2a_backend"] == "cli"
+    assert a.moe_a2a_backend == "deepep" and src(a, "moe_a2a_backend") == "cli"
     (dep,) = a.warnings
     assert "--enable-deepep-moe" in dep and "--moe-a2a-backend deepep" in dep and REMOVAL_RELEASE in dep
     assert R(["--enable-deepep-moe", "--moe-a2a-backend", "deepep"]).moe_a2a_backend == "deepep"
@@ -304,7 +351,7 @@ def test_legacy_flag_enable_ep_moe():
 def test_legacy_flags_as_kwargs():
     with pytest.warns(ConfigDeprecationWarning, match="--enable-deepep-moe"):
         a = resolve(env={}, enable_deepep_moe=True, tp_size=2)
-    assert a.moe_a2a_backend == "deepep" and a.sources["moe_a2a_backend"] == "kwargs"
+    assert a.moe_a2a_backend == "deepep" and src(a, "moe_a2a_backend") == "kwargs"
 
 
 # ---- rule 1: waterfill ---------------------------------------------------------------------------
@@ -334,9 +381,24 @@ def test_rule1_waterfill_overrides_defaults_and_legacy_backend():
                                                    "disable_shared_experts_fusion": True})
     assert a.moe_a2a_backend == "deepep" and a.enforce_shared_experts_fusion
     assert not a.disable_shared_experts_fusion
-    b = R(["--enable-deepep-waterfill"], {"SGLANG_OPT_USE_DEEPGEMM_MEGA_MOE": "1"})
-    assert b.moe_a2a_backend == "deepep"
-    assert any("ignored" in w and "waterfill" in w for w in b.warnings)
+    c = R(["--enable-deepep-waterfill"], {"SGLANG_OPT_USE_DEEPGEMM_MEGA_MOE": "1"})
+    # Changed with the waterfill feature: megamoe has it (SGLang 0.5.23 runs waterfill on
+    # megamoe; 0.5.14 also ended on megamoe, its megamoe switch ran after waterfill's), so the
+    # legacy megamoe switch is honoured instead of being overridden by deepep.
+    assert c.moe_a2a_backend == "megamoe" and c.enforce_shared_experts_fusion
+    assert not any("ignored" in w for w in c.warnings)
+
+
+def test_rule1_asks_the_spec_for_the_waterfill_feature():
+    """A third-party backend with the feature runs waterfill; one without it is refused."""
+    with registry_snapshot():
+        register_backend("filler", "tests.nowhere:Filler", token_layout="scattered",
+                         ep_policy="tp", features=("waterfill",))
+        register_backend("plain", "tests.nowhere:Plain", token_layout="scattered", ep_policy="tp")
+        a = R(["--enable-waterfill", "--moe-a2a-backend", "filler", "--tp-size", "2"])
+        assert a.moe_a2a_backend == "filler" and a.enforce_shared_experts_fusion
+        message = err(["--enable-deepep-waterfill", "--moe-a2a-backend", "plain"])
+        assert "waterfill feature (deepep, megamoe)" in message and "--moe-a2a-backend plain" in message
 
 
 def test_waterfill_dynamic_without_waterfill_warns():
@@ -350,14 +412,14 @@ def test_waterfill_dynamic_without_waterfill_warns():
 @pytest.mark.parametrize("backend", ["alltoall", "deepep", "megamoe"])
 def test_rule3_ep_derived_from_tp(backend):
     a = R(["--moe-a2a-backend", backend, "--tp-size", "8"])
-    assert a.ep_size == 8 and a.moe_tp_size == 1 and a.sources["ep_size"] == "auto"
+    assert a.ep_size == 8 and a.moe_tp_size == 1 and src(a, "ep_size") == "auto"
     d = decision(a, "ep_size")
     assert (d.from_, d.to) == (1, 8) and backend in d.reason
 
 
 def test_rule3_explicit_equal_ep_is_kept_without_decision():
     a = R(["--moe-a2a-backend", "deepep", "--tp-size", "8", "--ep-size", "8"])
-    assert a.ep_size == 8 and not has_decision(a, "ep_size") and a.sources["ep_size"] == "cli"
+    assert a.ep_size == 8 and not has_decision(a, "ep_size") and src(a, "ep_size") == "cli"
 
 
 def test_rule3_explicit_different_ep_is_an_error_showing_sizes_and_fix():
@@ -479,7 +541,9 @@ def test_rule7_eplb_defaults_are_decisions():
 
 @pytest.mark.parametrize("argv, expected", [
     (["--tp-size", "4"], "none"),                                                  # replicated
-    (["--moe-a2a-backend", "megamoe", "--tp-size", "4"], "none"),                   # replicated
+    # megamoe's fused kernel takes each rank's scattered slice (as SGLang's communicator lays
+    # tokens out for every backend but none), so its ids need a gather: early, not none
+    (["--moe-a2a-backend", "megamoe", "--tp-size", "4"], "early"),                  # scattered
     (["--moe-a2a-backend", "deepep", "--tp-size", "8", "--dp-size", "8",
       "--enable-dp-attention"], "none"),                                            # attn_tp 1
     (["--moe-a2a-backend", "deepep", "--deepep-mode", "normal", "--tp-size", "4",
@@ -510,15 +574,25 @@ def test_gather_without_capture_warns():
 
 # ---- rule 9: capacities --------------------------------------------------------------------------
 
-def test_rule9_deepep_capacity_covers_cuda_graph_bs():
+def test_rule9_deepep_capacity_counts_tokens_per_kernel_rank():
+    # Changed with issue 7: deepep scatters a DP rank's batch over its attention-TP ranks, so
+    # --tp 2 --cuda-graph-max-bs 256 dispatches 128 tokens per rank and fits the default 128.
     argv = ["--moe-a2a-backend", "deepep", "--deepep-mode", "low_latency", "--tp-size", "2",
             "--cuda-graph-max-bs", "256"]
-    message = err(argv)
-    assert "--cuda-graph-max-bs 256" in message
+    assert R(argv).cuda_graph_max_bs == 256
+    message = err(argv[:-1] + ["512"])
+    assert "--cuda-graph-max-bs 512 split over 2 attention-TP ranks" in message
     assert "raise --deepep-num-max-dispatch-tokens-per-rank to at least 256" in message
-    assert R(argv + ["--deepep-num-max-dispatch-tokens-per-rank", "256"]).cuda_graph_max_bs == 256
+    assert R(argv[:-1] + ["512", "--deepep-num-max-dispatch-tokens-per-rank", "256"])
     # graphs off: the captured batch size is irrelevant
-    assert R(argv + ["--disable-cuda-graph"]).disable_cuda_graph
+    assert R(argv[:-1] + ["512", "--disable-cuda-graph"]).disable_cuda_graph
+
+
+def test_rule9_deepep_capacity_one_rank_gets_the_whole_batch_without_split():
+    argv = ["--moe-a2a-backend", "deepep", "--deepep-mode", "low_latency", "--tp-size", "2",
+            "--dp-size", "2", "--enable-dp-attention", "--cuda-graph-max-bs", "256"]
+    message = err(argv)  # attention-TP size 1: each rank dispatches its DP rank's 256 tokens
+    assert "--cuda-graph-max-bs 256)" in message and "at least 256" in message
 
 
 def test_rule9_capacity_cannot_exceed_1024():
@@ -528,11 +602,17 @@ def test_rule9_capacity_cannot_exceed_1024():
 
 
 def test_rule9_max_running_requests_per_dp_rank():
-    base = ["--moe-a2a-backend", "deepep", "--deepep-mode", "low_latency", "--tp-size", "4",
+    base = ["--moe-a2a-backend", "deepep", "--deepep-mode", "low_latency", "--tp-size", "2",
             "--dp-size", "2", "--enable-dp-attention"]
     message = err(base + ["--max-running-requests", "300"])
     assert "150 tokens" in message and "--max-running-requests 300 over 2 DP ranks" in message
     assert R(base + ["--max-running-requests", "256"]).max_running_requests == 256
+    # four ranks in two DP groups: each DP rank's 150 requests split over 2 attention-TP ranks
+    wide = ["--moe-a2a-backend", "deepep", "--deepep-mode", "low_latency", "--tp-size", "4",
+            "--dp-size", "2", "--enable-dp-attention"]
+    assert R(wide + ["--max-running-requests", "300"]).max_running_requests == 300
+    message = err(wide + ["--max-running-requests", "600"])
+    assert "150 tokens" in message and "over 2 DP ranks split over 2 attention-TP ranks" in message
 
 
 def test_rule9_low_latency_mode_checks_chunked_prefill():
@@ -543,12 +623,78 @@ def test_rule9_low_latency_mode_checks_chunked_prefill():
     assert R(["--moe-a2a-backend", "deepep", "--chunked-prefill-size", "512"]).chunked_prefill_size == 512
 
 
-def test_rule9_megamoe_capacity():
-    message = err(["--moe-a2a-backend", "megamoe", "--max-running-requests", "2048"])
+def test_rule9_chunked_prefill_is_global_and_divided_over_dp_ranks():
+    """As in SGLang: --tp 8 --dp 8 --enable-dp-attention --chunked-prefill-size 16384 prefills
+    2048 tokens per DP rank (and per kernel rank: attention-TP size is 1)."""
+    argv = ["--moe-a2a-backend", "deepep", "--tp", "8", "--dp", "8", "--enable-dp-attention",
+            "--chunked-prefill-size", "16384"]
+    a = R(argv)
+    assert a.chunked_prefill_size == 16384
+    derived = a.derived()
+    assert derived["prefill_tokens_per_dp_rank"] == 2048
+    assert derived["prefill_tokens_per_kernel_rank"] == 2048
+    # low_latency runs prefill chunks through its buffers: 2048 per rank exceed the 1024 limit
+    message = err(argv + ["--deepep-mode", "low_latency"])
+    assert "2048 tokens (--chunked-prefill-size 16384 over 8 DP ranks)" in message
+    assert "lower --chunked-prefill-size so that at most 1024 tokens reach one rank" in message
+    assert R(argv[:-1] + ["8192", "--deepep-mode", "low_latency",
+                          "--deepep-num-max-dispatch-tokens-per-rank", "1024"])
+
+
+def test_rule9_megamoe_capacity_covers_captured_batches_only():
+    # Changed with issue 7: eager batches above the cap take the fallback (as in SGLang), so
+    # --max-running-requests is not checked; CUDA-graph batches always take the fused kernel.
+    a = R(["--moe-a2a-backend", "megamoe", "--max-running-requests", "4096"])
+    assert a.max_running_requests == 4096
+    message = err(["--moe-a2a-backend", "megamoe", "--cuda-graph-max-bs", "2048"])
     assert "raise --mega-moe-num-max-tokens-per-rank to at least 2048" in message
-    a = R(["--moe-a2a-backend", "megamoe", "--max-running-requests", "2048",
+    assert "CUDA-graph batches always run backend megamoe's kernel" in message
+    assert "fallback (none)" in message
+    # the fused kernel takes scattered tokens: 2048 per DP rank over 2 attention-TP ranks fit
+    assert R(["--moe-a2a-backend", "megamoe", "--tp-size", "2", "--cuda-graph-max-bs", "2048"])
+    b = R(["--moe-a2a-backend", "megamoe", "--cuda-graph-max-bs", "2048",
            "--mega-moe-num-max-tokens-per-rank", "2048"])
-    assert a.mega_moe_num_max_tokens_per_rank == 2048
+    assert b.mega_moe_num_max_tokens_per_rank == 2048
+    # graphs off: nothing is captured, nothing to check
+    assert R(["--moe-a2a-backend", "megamoe", "--cuda-graph-max-bs", "4096", "--disable-cuda-graph"])
+
+
+def test_third_party_backend_with_settings_modes_and_capacity():
+    """Registered here, resolved and checked through its spec's data alone."""
+    from pydantic import Field
+
+    from moe_a2a.backends import BackendSettings, CapacityRule
+
+    class TurboSettings(BackendSettings):
+        mode: str = "fast"
+        slots: int = Field(default=64, ge=1, le=512)
+
+    with registry_snapshot():
+        register_backend(
+            "turbo", "tests.nowhere:Turbo", token_layout="scattered", ep_policy="tp",
+            modes=("fast", "safe"), cuda_graph_modes=("fast",), settings=TurboSettings,
+            settings_fields={"mode": "deepep_mode",
+                             "slots": "deepep_num_max_dispatch_tokens_per_rank"},
+            mode_setting="mode",
+            capacities=(CapacityRule("slots", batches="decode", modes=("fast",)),))
+        a = R(["--moe-a2a-backend", "turbo", "--tp-size", "2"])
+        # its own default mode and its own default capacity, each a decision
+        assert a.deepep_mode == "fast" and has_decision(a, "deepep_mode")
+        assert a.deepep_num_max_dispatch_tokens_per_rank == 64
+        assert a.backend_settings == TurboSettings(mode="fast", slots=64)
+        message = err(["--moe-a2a-backend", "turbo", "--tp-size", "2", "--cuda-graph-max-bs", "256"])
+        assert "deepep_num_max_dispatch_tokens_per_rank=64 (auto-configured)" in message
+        assert "128 tokens" in message and "backend turbo in mode fast runs decode batches" in message
+        # in mode "safe" the rule does not apply (and graphs are turned off: not capturable)
+        b = R(["--moe-a2a-backend", "turbo", "--tp-size", "2", "--cuda-graph-max-bs", "256",
+               "--deepep-mode", "safe"])
+        assert b.disable_cuda_graph and b.backend_settings.mode == "safe"
+        # its settings' own bounds are checked at resolve time, naming the flag
+        message = err(["--moe-a2a-backend", "turbo", "--deepep-num-max-dispatch-tokens-per-rank",
+                       "1000"])
+        assert "--deepep-num-max-dispatch-tokens-per-rank 1000" in message
+        assert "TurboSettings.slots" in message
+        assert "fast, safe" in err(["--moe-a2a-backend", "turbo", "--deepep-mode", "normal"])
 
 
 def test_capacity_ranges():
@@ -652,7 +798,7 @@ def test_init_expert_location(tmp_path, monkeypatch):
 def test_kwargs_api():
     a = R(moe_a2a_backend="alltoall", tp_size=4, enable_return_routed_experts="yes")
     assert (a.moe_a2a_backend, a.ep_size, a.enable_return_routed_experts) == ("alltoall", 4, True)
-    assert a.sources["tp_size"] == "kwargs"
+    assert src(a, "tp_size") == "kwargs"
     assert R(tp_size="2").tp_size == 2
 
 
@@ -704,7 +850,7 @@ COMPLEX = ["--moe-a2a-backend", "deepep", "--tp-size", "4", "--dp-size", "2", "-
 
 def test_frozen():
     a = R(COMPLEX)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(ValueError, match="frozen"):  # pydantic's frozen-instance error
         a.tp_size = 8
     with pytest.raises(TypeError):
         a.sources["tp_size"] = "cli"
@@ -765,7 +911,13 @@ def test_explain_is_the_config_json_object():
     assert out["args"]["ep_size"] == 8
     assert all(set(d) == {"field", "from", "to", "reason"} for d in out["decisions"])
     assert out["sources"]["ep_size"] == "auto"
-    assert out["derived"] == {"attn_dp_size": 1, "attn_tp_size": 8, "moe_tp_size": 1}
+    derived = out["derived"]  # today's keys, and the per-rank figures added with issue 7
+    assert {k: derived[k] for k in ("attn_dp_size", "attn_tp_size", "moe_tp_size")} == {
+        "attn_dp_size": 1, "attn_tp_size": 8, "moe_tp_size": 1}
+    (cap,) = out["capacities"]
+    assert (cap["field"], cap["batches"], cap["over_capacity"]) == (
+        "mega_moe_num_max_tokens_per_rank", "captured", "fallback")
+    assert cap["largest_batch_per_rank"] is None  # no CUDA-graph batch size given
     json.dumps(out)  # JSON-ready
 
 
@@ -830,7 +982,7 @@ def test_add_arguments_only_explicit_flags_and_aliases():
     assert explicit_values(ns) == {"tp_size": "4", "ep_size": "2", "enable_eplb": True}
     assert explicit_values(_parser().parse_args([])) == {}
     a = resolve_namespace(ns, env={})
-    assert (a.tp_size, a.ep_size, a.enable_eplb, a.sources["tp_size"]) == (4, 2, True, "cli")
+    assert (a.tp_size, a.ep_size, a.enable_eplb, src(a, "tp_size")) == (4, 2, True, "cli")
 
 
 def test_resolve_namespace_with_caller_defaults_and_env():
@@ -847,7 +999,7 @@ def test_resolve_namespace_with_caller_defaults_and_env():
 def test_no_flag_overrides_env():
     ns = _parser().parse_args(["--no-enable-return-routed-experts"])
     a = resolve_namespace(ns, env={"MOE_A2A_ENABLE_RETURN_ROUTED_EXPERTS": "1"})
-    assert a.enable_return_routed_experts is False and a.sources["enable_return_routed_experts"] == "cli"
+    assert a.enable_return_routed_experts is False and src(a, "enable_return_routed_experts") == "cli"
 
 
 def test_add_arguments_into_an_argument_group():
@@ -887,7 +1039,48 @@ def test_read_launch_env():
     ({"RANK": "2", "WORLD_SIZE": "2"}, "not below WORLD_SIZE=2"),
     ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE=0"),
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "70000"}, "MASTER_PORT=70000"),
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR and MASTER_PORT are not"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "29500"}, "MASTER_ADDR is not"),
 ])
 def test_read_launch_env_errors(env, part):
     with pytest.raises(ConfigError, match=part):
         read_launch_env(env)
+
+
+# ---- ParallelLayout: the rank math in one place -----------------------------------------------
+
+@pytest.mark.parametrize("sizes", [(1, 1, 1), (8, 1, 1), (8, 1, 8), (8, 4, 2), (4, 2, 2), (6, 2, 3),
+                                   (8, 8, 8), (12, 3, 4)])
+def test_parallel_layout_matches_parallel_sizes(sizes):
+    from moe_a2a.parallel import ParallelSizes
+
+    tp, attn_dp, ep = sizes
+    layout = ParallelLayout(tp_size=tp, attn_dp_size=attn_dp, ep_size=ep)
+    old = ParallelSizes(tp_size=tp, attn_dp_size=attn_dp, ep_size=ep)
+    assert layout.layout_groups() == old.layout_groups()
+    assert (layout.attn_tp_size, layout.moe_tp_size) == (old.attn_tp_size, old.moe_tp_size)
+    for kind, groups in layout.layout_groups().items():  # every rank in exactly one group
+        assert sorted(r for g in groups for r in g) == list(range(tp)), kind
+
+
+@pytest.mark.parametrize("sizes, part", [
+    ((4, 3, 1), "not divisible by the attention dp size 3"),
+    ((4, 1, 3), "not divisible by ep_size=3"),
+    ((0, 1, 1), "tp_size=0 must be an integer >= 1"),
+    ((4, True, 1), "attn_dp_size=True"),
+])
+def test_parallel_layout_rejects_bad_sizes_with_a_value_error(sizes, part):
+    tp, attn_dp, ep = sizes
+    with pytest.raises(ConfigError, match=part) as info:
+        ParallelLayout(tp_size=tp, attn_dp_size=attn_dp, ep_size=ep)
+    assert isinstance(info.value, ValueError)  # as ParallelSizes' MoeA2AError is
+
+
+def test_server_args_layout_and_kernel_tokens():
+    a = R(["--moe-a2a-backend", "alltoall", "--tp-size", "8", "--dp-size", "2",
+           "--enable-dp-attention"])
+    assert a.layout == ParallelLayout(tp_size=8, attn_dp_size=2, ep_size=8)
+    assert a.kernel_tokens(9) == 3  # scattered over 4 attention-TP ranks, the fullest rank counts
+    assert R(["--tp-size", "8"]).kernel_tokens(9) == 9  # replicated: each rank gets all 9
+    with pytest.raises(ConfigError, match="outside 0..7"):
+        a.layout.moe_tp_rank(8)
