@@ -267,12 +267,12 @@ class BackendRegistry:
         ordered = [n for n in BUILTIN_NAMES if n in registered] + sorted(
             n for n in registered if n not in BUILTIN_NAMES)
         how = (f"register one by decorating a dispatchers.BaseDispatcher subclass with "
-               f"@backends.register_backend({key!r}, token_layout=..., ep_policy=...), or expose "
+               f"@backends.register_backend({_show(key)}, token_layout=..., ep_policy=...), or expose "
                f"it from a package through the entry-point group {ENTRY_POINT_GROUP!r} "
                f"(see {DOCS_HINT})")
         if key in SGLANG_ONLY_BACKENDS:
             return (
-                f"MoE A2A backend {asked!r} ({SGLANG_ONLY_BACKENDS[key]}) is known from SGLang but "
+                f"MoE A2A backend {_show(asked)} ({SGLANG_ONLY_BACKENDS[key]}) is known from SGLang but "
                 f"is not provided by moe-a2a, and no installed package registers it. Registered "
                 f"backends: {', '.join(ordered)}. To use it, {how}"
             )
@@ -282,9 +282,15 @@ class BackendRegistry:
         broken_note = (f" Entry points that failed to load: {', '.join(broken)} "
                        f"(see `moe-a2a backends`)." if broken else "")
         return (
-            f"unknown MoE A2A backend {asked!r}: registered backends are "
+            f"unknown MoE A2A backend {_show(asked)}: registered backends are "
             f"{', '.join(ordered)}.{maybe}{broken_note} To add a backend, {how}"
         )
+
+
+def _show(name: Any) -> str:
+    """A requested name as echoed in a message: its repr, cut to a sane length."""
+    text = repr(name)
+    return text if len(text) <= 80 else f"{text[:77]}... ({len(text)} chars)"
 
 
 def _lookup_key(name: Any) -> str:

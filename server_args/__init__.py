@@ -11,7 +11,7 @@ variable > default. Every field is declared once (``fields.ServerArgsFields``). 
 ``docs/configuration.md``.
 """
 
-from moe_a2a.server_args.cli import add_arguments, explicit_values, resolve_namespace
+from moe_a2a.server_args.cli import add_arguments, explicit_values, help_text, resolve_namespace
 from moe_a2a.server_args.errors import (
     REMOVAL_RELEASE,
     ConfigDeprecationWarning,
@@ -43,6 +43,7 @@ __all__ = [
     "add_arguments",
     "batch_capacity_error",
     "explicit_values",
+    "help_text",
     "read_launch_env",
     "resolve",
     "resolve_namespace",

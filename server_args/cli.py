@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import shlex
 from types import MappingProxyType
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from moe_a2a.server_args.errors import REMOVAL_RELEASE, ConfigError, shown
 from moe_a2a.server_args.fields import (
@@ -37,7 +37,7 @@ GROUP_TITLES: Mapping[str, str] = MappingProxyType({
 })
 
 
-def help_text(spec: FieldSpec) -> str:
+def flag_help(spec: FieldSpec) -> str:
     """The ``--help`` line: meaning, choices, default and the environment variable."""
     parts = [spec.help]
     if spec.choices:
@@ -77,7 +77,7 @@ def add_arguments(parser: Container) -> Container:
         return groups[key]
 
     for spec in FIELDS:
-        kwargs: Dict[str, Any] = dict(dest=spec.name, default=argparse.SUPPRESS, help=help_text(spec))
+        kwargs: Dict[str, Any] = dict(dest=spec.name, default=argparse.SUPPRESS, help=flag_help(spec))
         if spec.type is bool:
             # --flag / --no-flag: the negative form overrides a MOE_A2A_* variable
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -115,24 +115,55 @@ def resolve_namespace(
     return resolve_sources(cli=explicit_values(namespace), kwargs={}, env=env, defaults=defaults)
 
 
+HELP_FLAGS = ("-h", "--help")
+
+
 class _RaisingParser(argparse.ArgumentParser):
-    """A parser for ``resolve(argv)``: errors are ConfigError, never ``sys.exit``."""
+    """A parser for ``resolve(argv)``: errors are ConfigError, never ``sys.exit`` or output."""
 
     def error(self, message: str) -> None:  # noqa: D401 - argparse API
         raise ConfigError(f"server arguments: {message}; fix: see --help or docs/configuration.md")
 
+    def exit(self, status: int = 0, message: Optional[str] = None) -> None:  # noqa: D401
+        # argparse exits only through error() and its help/version actions; never here
+        raise ConfigError(f"server arguments: {message or 'argparse asked to exit'}")
+
 
 def build_parser(prog: str = "server-args") -> argparse.ArgumentParser:
-    """A parser of the server flags alone whose errors raise ConfigError."""
-    return add_arguments(_RaisingParser(prog=prog, allow_abbrev=False))
+    """A parser of the server flags alone; errors raise ConfigError and it has no -h/--help
+    (``help_text()`` returns what ``--help`` would print)."""
+    return add_arguments(_RaisingParser(prog=prog, allow_abbrev=False, add_help=False))
+
+
+def help_text(prog: str = "server-args") -> str:
+    """The ``--help`` text of every server flag, as a string (nothing is printed)."""
+    return build_parser(prog).format_help()
+
+
+def argv_list(argv: Union[Sequence[str], str]) -> List[str]:
+    """``argv`` as a list of text (one string is split like a shell), else a ConfigError."""
+    if isinstance(argv, str):
+        try:
+            return shlex.split(argv)
+        except ValueError as exc:  # unbalanced quotes, a trailing backslash
+            raise ConfigError(f"server arguments {shown(argv)} cannot be split like a shell "
+                              f"command line: {exc}; fix: balance the quotes") from None
+    if isinstance(argv, (bytes, bytearray, Mapping)) or not isinstance(argv, Sequence):
+        raise ConfigError(f"argv={shown(argv)} must be a list of flags or one string; fix: pass "
+                          f"e.g. ['--tp-size', '8'] or '--tp-size 8'")
+    bad = [a for a in argv if not isinstance(a, str)]
+    if bad:
+        raise ConfigError(f"argv holds {shown(bad[0])} ({type(bad[0]).__name__}); command-line "
+                          f"arguments are text; fix: pass str(value), e.g. ['--tp-size', '8']")
+    return list(argv)
 
 
 def parse_argv(argv: Union[Sequence[str], str]) -> Dict[str, Any]:
     """Parse server flags (a list, or one string split like a shell) into explicit values."""
-    if isinstance(argv, str):
-        try:
-            argv = shlex.split(argv)
-        except ValueError as exc:  # unbalanced quotes, a trailing backslash
-            raise ConfigError(f"server arguments {shown(argv)} cannot be split like a shell "
-                              f"command line: {exc}; fix: balance the quotes") from None
-    return explicit_values(build_parser().parse_args(list(argv)))
+    argv = argv_list(argv)
+    asked = [a for a in argv if a in HELP_FLAGS]
+    if asked:
+        raise ConfigError(f"{asked[0]} asks for the command-line help, which resolve() does not "
+                          f"print; fix: call moe_a2a.server_args.help_text() for the text, or "
+                          f"run `moe-a2a config --help`")
+    return explicit_values(build_parser().parse_args(argv))

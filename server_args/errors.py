@@ -42,4 +42,8 @@ def clip(text: str, limit: int = ECHO_LIMIT) -> str:
 
 def shown(value: object, limit: int = ECHO_LIMIT) -> str:
     """``repr(value)`` clipped: how a raw value is echoed in an error message."""
-    return clip(repr(value), limit)
+    try:
+        text = repr(value)
+    except RecursionError:  # a pathologically nested container
+        text = f"<{type(value).__name__} nested too deeply to show>"
+    return clip(text, limit)

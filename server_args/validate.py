@@ -8,6 +8,7 @@ data (``backend_args``), never by name.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Tuple
@@ -345,6 +346,48 @@ def gather_error(view: View) -> Optional[str]:
     return None
 
 
+@dataclass(frozen=True)
+class ResolvedState:
+    """A postcondition of auto-configuration: every ``ServerArgs`` that ``resolve`` builds
+    satisfies it, so one that breaks it (hand-written JSON, direct construction) is refused."""
+
+    fields: Tuple[str, ...]
+    holds: Callable[[Values], bool]
+    guarantee: str
+
+
+RESOLVED_STATES: Tuple[ResolvedState, ...] = (
+    ResolvedState(("enable_dp_attention", "dp_size"),
+                  lambda v: not (v["enable_dp_attention"] and v["dp_size"] == 1),
+                  "DP attention is turned off when dp_size is 1"),
+    ResolvedState(("enable_eplb", "expert_distribution_recorder_mode"),
+                  lambda v: not (v["enable_eplb"] and v["expert_distribution_recorder_mode"] is None),
+                  "EPLB on sets a recorder mode (stat)"),
+    ResolvedState(("enable_eplb", "ep_dispatch_algorithm"),
+                  lambda v: not (v["enable_eplb"] and v["ep_dispatch_algorithm"] is None),
+                  "EPLB on sets a dispatch algorithm (static)"),
+    ResolvedState(("moe_runner_backend",),
+                  lambda v: v["moe_runner_backend"] != "megamoe",
+                  "--moe-runner-backend megamoe becomes --moe-a2a-backend megamoe with the auto "
+                  "runner"),
+    ResolvedState(("init_expert_location",),
+                  lambda v: expert_location_kind(v["init_expert_location"], "") != "file"
+                  or os.path.isabs(v["init_expert_location"]),
+                  "a file named by --init-expert-location is stored as an absolute path"),
+)
+
+
+def unresolved_error(view: View) -> Optional[str]:
+    """A state ``resolve`` never produces (checked after the fields are known to be valid)."""
+    for state in RESOLVED_STATES:
+        if not state.holds(view.v):
+            given = ", ".join(view.d(name) for name in state.fields)
+            return (f"{given}: resolve never produces this combination ({state.guarantee}); "
+                    f"fix: build server arguments with server_args.resolve(), and send "
+                    f"ServerArgs.to_json() to workers unchanged")
+    return None
+
+
 def capacity_error(view: View) -> Optional[str]:
     """Rule 9: every capacity holds the largest batch its rule covers."""
     for check in capacity_checks(view):
@@ -381,6 +424,7 @@ CHECKS: Tuple[Check, ...] = (
     eplb_error,
     cuda_graph_error,
     gather_error,
+    unresolved_error,
     settings_error,
     capacity_error,
     json_fields_error,

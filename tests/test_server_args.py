@@ -26,6 +26,7 @@ from moe_a2a.server_args import (
     SourceKind,
     add_arguments,
     explicit_values,
+    help_text,
     read_launch_env,
     resolve,
     resolve_namespace,
@@ -1084,3 +1085,129 @@ def test_server_args_layout_and_kernel_tokens():
     assert R(["--tp-size", "8"]).kernel_tokens(9) == 9  # replicated: each rank gets all 9
     with pytest.raises(ConfigError, match="outside 0..7"):
         a.layout.moe_tp_rank(8)
+
+
+# ---- the Python API never ends the caller's process (issue 8 item 6) ---------------------------
+
+@pytest.mark.parametrize("argv", [["-h"], ["--help"], "--tp-size 2 --help", ["--tp", "2", "-h"]])
+def test_help_is_a_config_error_not_an_exit(argv, capsys):
+    with pytest.raises(ConfigError, match="help_text") as info:
+        resolve(argv, env={})
+    assert not isinstance(info.value, SystemExit)
+    assert capsys.readouterr() == ("", "")  # nothing printed
+
+
+def test_help_text_returns_the_flags_help():
+    text = help_text()
+    assert "--moe-a2a-backend" in text and "MOE_A2A_TP_SIZE" in text and "--attn-dp-size" in text
+    assert "-h, --help" not in text
+
+
+@pytest.mark.parametrize("call, part", [
+    (lambda: resolve([], env=123), "env=123 must be a mapping"),
+    (lambda: resolve([], env=["MOE_A2A_TP_SIZE=4"]), "must be a mapping"),
+    (lambda: resolve([], env={"MOE_A2A_TP_SIZE": 4}), "environment variables are text"),
+    (lambda: resolve([], env={}, defaults=[("tp_size", 2)]), "must be a mapping of field names"),
+    (lambda: resolve([], env={}, defaults="tp_size=2"), "must be a mapping of field names"),
+    (lambda: resolve(5, env={}), "argv=5 must be a list of flags or one string"),
+    (lambda: resolve(b"--tp-size 4", env={}), "must be a list of flags or one string"),
+    (lambda: resolve(["--tp-size", 4], env={}), "argv holds 4 (int)"),
+    (lambda: resolve('--deepep-config "{', env={}), "cannot be split like a shell"),
+    (lambda: resolve("--tp-size 2 \\", env={}), "cannot be split like a shell"),
+    (lambda: resolve_namespace({"tp_size": "2"}, env={}), "needs an argparse.Namespace"),
+])
+def test_wrong_argument_types_raise_config_error(call, part):
+    with pytest.raises(ConfigError) as info:
+        call()
+    assert part in str(info.value)
+
+
+def _json_with(argv, **changes) -> str:
+    data = json.loads(R(argv).to_json())
+    data["args"].update(changes)
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize("argv, changes, part", [
+    ([], {"moe_a2a_backend": "DeepEP"}, "'DeepEP' is not normalised"),
+    (["--moe-a2a-backend", "deepep"], {"deepep_mode": "Low-Latency"}, "not normalised"),
+    ([], {"moe_runner_backend": "Grouped-MM"}, "not normalised"),
+    ([], {"enable_dp_attention": True}, "DP attention is turned off when dp_size is 1"),
+    (["--enable-eplb", "--tp", "4", "--ep", "4"], {"expert_distribution_recorder_mode": None},
+     "EPLB on sets a recorder mode"),
+    (["--enable-eplb", "--tp", "4", "--ep", "4"], {"ep_dispatch_algorithm": None},
+     "EPLB on sets a dispatch algorithm"),
+    ([], {"routed_experts_gather": "auto"}, "is unresolved"),
+    ([], {"moe_runner_backend": "megamoe"}, "becomes --moe-a2a-backend megamoe"),
+    ([], {"init_expert_location": "placement.json"}, "stored as an absolute path"),
+    ([], {"deepep_config": "/path/to/deepep.json"}, "is not valid JSON"),
+])
+def test_from_json_rejects_states_resolve_never_produces(argv, changes, part):
+    with pytest.raises(ConfigError) as info:
+        ServerArgs.from_json(_json_with(argv, **changes))
+    assert part in str(info.value)
+
+
+def _envelope(**changes) -> str:
+    data = json.loads(R().to_json())
+    data.update(changes)
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize("text, part", [
+    ("[" * 200_000 + "]" * 200_000, "nested too deeply"),
+    ('{"format": "moe-a2a/server-args", "version": 2, "args": [', "not valid JSON"),
+    (b"\xff\xfe", "not UTF-8"),
+    (None, "must be text"),
+    (123, "must be text"),
+    (_envelope(args=[1, 2]), "exactly the fields"),
+    (_envelope(decisions={"a": 1}), "decisions must be a list"),
+    (_envelope(decisions=[{"field": "tp_size"}]), "keys field, from, to, reason"),
+    (_envelope(decisions=[{"field": "tp_size", "from": {"x": 1}, "to": 2, "reason": "r"}]),
+     "'from' value that no field holds"),
+    (_envelope(decisions=[{"field": "nosuch", "from": 1, "to": 2, "reason": "r"}]),
+     "names no field"),
+    (_envelope(decisions=["tp_size: 1 -> 2"]), "keys field, from, to, reason"),
+    (_envelope(warnings=[1, 2]), "warnings must be a list of text"),
+    (_envelope(warnings="oops"), "warnings must be a list of text"),
+    (_envelope(sources={"tp_size": 5}), "sources must map field names to text"),
+    (_envelope(sources={"tp_size": "telepathy"}), "not understood"),
+    (_envelope(sources={"nosuch": "cli"}), "unknown fields"),
+    (_envelope(extra=1), "unknown keys ['extra']"),
+    (_envelope(version=1), "reads version 2"),
+], ids=lambda case: str(case)[:40])
+def test_from_json_rejects_deeply_nested_or_wrongly_typed_input(text, part):
+    with pytest.raises(ConfigError) as info:
+        ServerArgs.from_json(text)
+    assert part in str(info.value)
+
+
+LONG = "x" * 10_000
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("call", [
+    lambda: R(["--moe-a2a-backend", LONG]),
+    lambda: R(["--tp-size", LONG]),
+    lambda: R(["--eplb-algorithm", LONG]),
+    lambda: R(["--deepep-config", "{" + LONG]),
+    lambda: R(["--init-expert-location", LONG]),
+    lambda: R(env={"MOE_A2A_EPLB_ALGORITHM": LONG}),
+    lambda: R(env={"SGLANG_DEEPEP_NUM_MAX_DISPATCH_TOKENS_PER_RANK": LONG}),
+    lambda: R(tp_size=LONG),
+    lambda: R(**{LONG: 1}),
+    lambda: R(tp_size=_nested(100_000)),
+    lambda: ServerArgs.from_json(_json_with([], tp_size=LONG)),
+], ids=range(11))
+def test_error_messages_cut_echoed_values(call):
+    with pytest.raises(ConfigError) as info:
+        call()
+    message = str(info.value)
+    assert len(message) < 1500, message[:300]
+    assert "x" * 100 not in message
