@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import shlex
 from types import MappingProxyType
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from moe_a2a.server_args.errors import REMOVAL_RELEASE, ConfigError, shown
 from moe_a2a.server_args.fields import (
@@ -22,6 +22,12 @@ from moe_a2a.server_args.fields import (
     SpellingFlag,
 )
 from moe_a2a.server_args.model import ServerArgs
+from moe_a2a.server_args.sglang import (
+    add_unused_sglang_flags,
+    install_near_miss_check,
+    unused_flags,
+    unused_flags_warning,
+)
 
 GROUP_TITLES: Mapping[str, str] = MappingProxyType({
     "backend": "backend",
@@ -60,12 +66,17 @@ def _spelling_help(flag: SpellingFlag) -> str:
 Container = Union[argparse.ArgumentParser, "argparse._ArgumentGroup"]
 
 
-def add_arguments(parser: Container) -> Container:
+def add_arguments(parser: Container, *,
+                  strict_parser: Optional[argparse.ArgumentParser] = None) -> Container:
     """Add every server flag (with aliases and SGLang's spellings) to ``parser``.
 
     ``parser`` is an ``ArgumentParser`` (the flags are then sorted into titled groups) or an
     argument group of one (the flags all go into it: argparse deprecates nested groups).
-    Returns ``parser``.
+    Every other SGLang server flag is accepted too (hidden from ``--help``; flags the parser
+    already has are left to it); ``resolve_namespace`` reports those given in one warning.
+    A near-miss of one of our flags (``--ep-szie``) is a did-you-mean ConfigError when parsed
+    by ``strict_parser`` (default: ``parser`` itself, when it is an ``ArgumentParser``; pass the
+    group's parser when ``parser`` is a group). Returns ``parser``.
     """
     groups: Dict[str, Any] = {}
 
@@ -92,7 +103,25 @@ def add_arguments(parser: Container) -> Container:
         else:
             kwargs["action"] = "store_true"
         group("spellings").add_argument(*flag.flags, **kwargs)
+    # SGLang's other flags: accepted (hidden) and reported by resolve_namespace as not used
+    add_unused_sglang_flags(parser)
+    if strict_parser is None and isinstance(parser, argparse.ArgumentParser):
+        strict_parser = parser
+    if strict_parser is not None:
+        install_near_miss_check(strict_parser, own_flags())
     return parser
+
+
+def own_flags() -> Tuple[str, ...]:
+    """Every option string moe-a2a owns: fields, aliases, ``--no-`` forms, spellings."""
+    out = []
+    for spec in FIELDS:
+        out += spec.flags
+        if spec.type is bool:
+            out += ["--no-" + flag[2:] for flag in spec.flags]
+    for flag in SPELLING_FLAGS:
+        out += flag.flags
+    return tuple(out)
 
 
 def explicit_values(namespace: argparse.Namespace) -> Dict[str, Any]:
@@ -112,7 +141,9 @@ def resolve_namespace(
     if not isinstance(namespace, argparse.Namespace):
         raise ConfigError(f"resolve_namespace needs an argparse.Namespace, got "
                           f"{type(namespace).__name__}; fix: pass parser.parse_args(...)")
-    return resolve_sources(cli=explicit_values(namespace), kwargs={}, env=env, defaults=defaults)
+    note = unused_flags_warning(unused_flags(namespace))
+    return resolve_sources(cli=explicit_values(namespace), kwargs={}, env=env, defaults=defaults,
+                           notes=[note] if note else [])
 
 
 HELP_FLAGS = ("-h", "--help")
@@ -158,12 +189,14 @@ def argv_list(argv: Union[Sequence[str], str]) -> List[str]:
     return list(argv)
 
 
-def parse_argv(argv: Union[Sequence[str], str]) -> Dict[str, Any]:
-    """Parse server flags (a list, or one string split like a shell) into explicit values."""
+def parse_argv(argv: Union[Sequence[str], str]) -> Tuple[Dict[str, Any], List[str]]:
+    """Parse server flags (a list, or one string split like a shell): the explicit values, and
+    the SGLang flags given that moe-a2a does not use."""
     argv = argv_list(argv)
     asked = [a for a in argv if a in HELP_FLAGS]
     if asked:
         raise ConfigError(f"{asked[0]} asks for the command-line help, which resolve() does not "
                           f"print; fix: call moe_a2a.server_args.help_text() for the text, or "
                           f"run `moe-a2a config --help`")
-    return explicit_values(build_parser().parse_args(argv))
+    namespace = build_parser().parse_args(argv)
+    return explicit_values(namespace), unused_flags(namespace)

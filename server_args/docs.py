@@ -168,6 +168,14 @@ RULE_EXAMPLES: Tuple[RuleExample, ...] = (
                "needs ep_size > 1",
           ["--enable-eplb", "--tp-size", "4", "--ep-size", "4"],
           ["expert_distribution_recorder_mode", "ep_dispatch_algorithm"]),
+    _rule("7", "... an initial expert location other than `trivial` sets dispatch algorithm "
+               "`static` also without EPLB (as SGLang does)",
+          ["--init-expert-location", '{"logical_count": [[5, 1, 1, 1]]}'],
+          ["ep_dispatch_algorithm"]),
+    _rule("7", "... and an active recorder keeps one rebalance period of steps: the buffer size "
+               "follows `--eplb-rebalance-num-iterations` when unset (as SGLang does)",
+          ["--expert-distribution-recorder-mode", "per_pass", "--eplb-rebalance-num-iterations",
+           "500"], ["expert_distribution_recorder_buffer_size"]),
     _rule("8", "`--routed-experts-gather auto` resolves to `none` when no gather is needed",
           ["--tp-size", "4", "--enable-return-routed-experts"], ["routed_experts_gather"]),
     _rule("8", "... to `early` for a scattered layout with CUDA graphs on",
@@ -228,6 +236,50 @@ def errors_section() -> str:
     return "\n".join(out)
 
 
+def sglang_vars_table() -> str:
+    """The SGLang MoE variables moe-a2a reports as ignored."""
+    from moe_a2a.server_args.sglang import UNUSED_SGLANG_VARS
+
+    rows = ["| SGLang variable | what it does in SGLang | SGLang releases |", "|---|---|---|"]
+    for var in UNUSED_SGLANG_VARS:
+        rows.append(f"| `{var.name}` | {_cell(var.meaning)} | {', '.join(var.releases)} |")
+    return "\n".join(rows)
+
+
+# A DeepSeek-V3 launch line of the kind SGLang's docs give for DeepEP with DP attention and
+# EPLB; everything after `python -m sglang.launch_server` goes to `moe-a2a config` unchanged.
+SGLANG_EXAMPLE: Tuple[str, ...] = (
+    "--model-path", "deepseek-ai/DeepSeek-V3", "--trust-remote-code", "--tp", "8",
+    "--enable-dp-attention", "--dp", "8", "--moe-a2a-backend", "deepep", "--deepep-mode", "auto",
+    "--chunked-prefill-size", "16384", "--cuda-graph-max-bs", "128", "--max-running-requests",
+    "1024", "--enable-eplb", "--ep-num-redundant-experts", "32", "--mem-fraction-static", "0.8",
+    "--enable-two-batch-overlap", "--host", "0.0.0.0", "--port", "30000")
+
+
+def sglang_example() -> str:
+    """The launch line through ``moe-a2a config``: what changed, what was checked, the warnings."""
+    a = _quiet_resolve(SGLANG_EXAMPLE)
+    given = {name for name, source in a.sources.items() if source.explicit}
+    out = ["```bash", "moe-a2a config " + " ".join(SGLANG_EXAMPLE), "```", "",
+           "| field | value | source |", "|---|---|---|"]
+    for name, value in a.values().items():
+        if name in given or a.sources[name].kind.value == "auto":
+            out.append(f"| `{name}` | `{_cell(format_value(value))}` | {a.sources[name]} |")
+    derived = a.derived()
+    out += ["", f"Derived: attention-TP size {derived['attn_tp_size']}, prefill chunk "
+                f"{derived['prefill_tokens_per_dp_rank']} tokens per DP rank "
+                f"({derived['prefill_tokens_per_kernel_rank']} per kernel rank)."]
+    for cap in a.capacities():
+        out.append(f"Checked: `{cap['field']}` = {cap['capacity']} holds the largest "
+                   f"{cap['batches']} batch, {cap['largest_batch_per_rank']} tokens per rank "
+                   f"({cap['largest_batch_from']}).")
+    out += ["", "Decisions:", ""]
+    out += [f"- `{d.field}`: `{format_value(d.from_)}` → `{format_value(d.to)}` — {d.reason}"
+            for d in a.decisions]
+    out += ["", "Warnings:", ""] + [f"- {w}" for w in a.warnings]
+    return "\n".join(out)
+
+
 BLOCKS: Mapping[str, Callable[[], str]] = MappingProxyType({
     "errors": errors_section,
     "flags": flags_table,
@@ -235,6 +287,8 @@ BLOCKS: Mapping[str, Callable[[], str]] = MappingProxyType({
     "rules": rules_section,
     "layout": layout_table,
     "ranks": rank_table,
+    "sglangvars": sglang_vars_table,
+    "sglangexample": sglang_example,
 })
 
 _BLOCK_RE = re.compile(

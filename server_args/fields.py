@@ -188,7 +188,7 @@ class ServerArgsFields(BaseModel):
         auto="false when dp_size is 1")] = False
     # ---- DeepEP --------------------------------------------------------------------------------
     deepep_mode: Annotated[str, Arg(
-        group="deepep", metavar="MODE", kind=Kind.NAME, sglang_only=("none",),
+        group="deepep", metavar="MODE", kind=Kind.NAME,
         backend_setting=True,
         help="the backend's mode; DeepEP: normal, low_latency or auto (normal for prefill "
              "batches, low_latency otherwise); must be one of the backend's modes",

@@ -54,6 +54,7 @@ from moe_a2a.server_args.fields import (
 )
 from moe_a2a.server_args.files import load_deepep_config, load_expert_location
 from moe_a2a.server_args.model import Decision, ServerArgs
+from moe_a2a.server_args.sglang import unused_sglang_vars
 from moe_a2a.server_args.sources import (
     AUTO,
     CLI,
@@ -178,9 +179,12 @@ def resolve(
         ConfigError: any invalid input or combination, naming flags, values and the fix.
     """
     from moe_a2a.server_args.cli import parse_argv  # argparse wiring lives in cli.py
+    from moe_a2a.server_args.sglang import unused_flags_warning
 
-    cli = parse_argv(argv) if argv is not None else {}
-    return resolve_sources(cli=cli, kwargs=kwargs, env=env, defaults=defaults)
+    cli, unused = parse_argv(argv) if argv is not None else ({}, [])
+    note = unused_flags_warning(unused)
+    return resolve_sources(cli=cli, kwargs=kwargs, env=env, defaults=defaults,
+                           notes=[note] if note else [])
 
 
 def resolve_sources(
@@ -201,6 +205,9 @@ def resolve_sources(
     b = _Builder()
     for kind in PRECEDENCE:  # lowest first: later layers override earlier ones
         LAYERS[kind](b, inputs)
+    unused_vars = unused_sglang_vars(inputs.env)
+    if unused_vars:
+        b.warn(unused_vars)
     _apply_spellings(b)
     _map_legacy(b)
     _read_files(b)
@@ -315,7 +322,7 @@ LAYERS: Mapping[SourceKind, Callable[[_Builder, _Inputs], None]] = MappingProxyT
 
 def _spelling_shown(item: Spelling) -> str:
     if item.source.kind is SourceKind.CLI:
-        return item.flag.flag + ("" if not item.flag.takes_value else f" {shown(item.value)}")
+        return item.flag.flag + ("" if not item.flag.takes_value else f" {clip(str(item.value))}")
     return f"{item.flag.name}={shown(item.value)}"
 
 
@@ -492,20 +499,37 @@ def _auto_configure(b: _Builder) -> BackendSpec:
     if v["enable_dp_attention"] and v["dp_size"] == 1:
         b.auto("enable_dp_attention", False, "dp_size is 1: DP attention would have nothing to split")
 
-    # 7. EPLB: statistics and a deterministic dispatch by default; needs ep_size > 1
-    if v["enable_eplb"]:
-        _raise(eplb_error(b.view(spec)))
-        if v["expert_distribution_recorder_mode"] is None:
-            b.auto("expert_distribution_recorder_mode", "stat",
-                   "EPLB rebalances from expert-load statistics (the stat recorder)")
-        if v["ep_dispatch_algorithm"] is None:
-            b.auto("ep_dispatch_algorithm", "static",
-                   "EPLB default: each token goes to the nearest replica (deterministic)")
+    # 7. EPLB and expert placement, as SGLang sets them
+    _eplb_rule(b, spec)
 
     # 8. routed-experts gather
     _gather_rule(b, spec)
     # 9. capacities are checked by validation (in ServerArgs); nothing to change
     return spec
+
+
+def _eplb_rule(b: _Builder, spec: BackendSpec) -> None:
+    """Rule 7: EPLB needs ep_size > 1 and records statistics; a placement other than trivial
+    dispatches deterministically; an active recorder keeps one rebalance period of steps."""
+    v = b.values
+    if v["enable_eplb"]:
+        _raise(eplb_error(b.view(spec)))
+        if v["expert_distribution_recorder_mode"] is None:
+            b.auto("expert_distribution_recorder_mode", "stat",
+                   "EPLB rebalances from expert-load statistics (the stat recorder)")
+    if v["ep_dispatch_algorithm"] is None:
+        if v["enable_eplb"]:
+            b.auto("ep_dispatch_algorithm", "static",
+                   "EPLB default: each token goes to the nearest replica (deterministic)")
+        elif v["init_expert_location"] != "trivial":
+            b.auto("ep_dispatch_algorithm", "static",
+                   "the initial expert location is not trivial: replicas exist, and each token "
+                   "goes to the nearest one (deterministic), as SGLang does")
+    if v["expert_distribution_recorder_mode"] is not None \
+            and v["expert_distribution_recorder_buffer_size"] is None:
+        b.auto("expert_distribution_recorder_buffer_size", v["eplb_rebalance_num_iterations"],
+               f"the recorder keeps the steps of one rebalance period "
+               f"({b.d('eplb_rebalance_num_iterations')}), as SGLang does")
 
 
 def _gather_rule(b: _Builder, spec: BackendSpec) -> None:

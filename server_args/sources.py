@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import enum
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from moe_a2a.server_args.errors import ConfigError, clip, shown
 
@@ -172,10 +172,3 @@ def check_env(env: Any) -> Mapping[str, str]:
                           f"fix: pass str keys and str values, e.g. env={{'MOE_A2A_TP_SIZE': '4'}}")
     return env
 
-
-def sglang_vars_in(env: Mapping[str, str]) -> Iterator[str]:
-    """Names of the ``SGLANG_*``/``SGL_*`` variables that are set (non-empty)."""
-    for key in env:
-        if isinstance(key, str) and key.startswith((SGLANG_PREFIX, OLD_SGLANG_PREFIX)) \
-                and present(env, key) is not None:
-            yield key

@@ -366,14 +366,22 @@ RESOLVED_STATES: Tuple[ResolvedState, ...] = (
     ResolvedState(("enable_eplb", "ep_dispatch_algorithm"),
                   lambda v: not (v["enable_eplb"] and v["ep_dispatch_algorithm"] is None),
                   "EPLB on sets a dispatch algorithm (static)"),
-    ResolvedState(("moe_runner_backend",),
-                  lambda v: v["moe_runner_backend"] != "megamoe",
-                  "--moe-runner-backend megamoe becomes --moe-a2a-backend megamoe with the auto "
-                  "runner"),
     ResolvedState(("init_expert_location",),
                   lambda v: expert_location_kind(v["init_expert_location"], "") != "file"
                   or os.path.isabs(v["init_expert_location"]),
                   "a file named by --init-expert-location is stored as an absolute path"),
+    ResolvedState(("init_expert_location", "ep_dispatch_algorithm"),
+                  lambda v: v["init_expert_location"] == "trivial"
+                  or v["ep_dispatch_algorithm"] is not None,
+                  "a placement other than trivial sets a dispatch algorithm (static)"),
+    ResolvedState(("expert_distribution_recorder_mode", "expert_distribution_recorder_buffer_size"),
+                  lambda v: v["expert_distribution_recorder_mode"] is None
+                  or v["expert_distribution_recorder_buffer_size"] is not None,
+                  "an active recorder gets a buffer size (--eplb-rebalance-num-iterations)"),
+    ResolvedState(("moe_runner_backend",),
+                  lambda v: v["moe_runner_backend"] != "megamoe",
+                  "--moe-runner-backend megamoe becomes --moe-a2a-backend megamoe with the auto "
+                  "runner"),
 )
 
 

@@ -245,3 +245,47 @@ def test_layout_table_rows_match_server_args():
         assert (a.attn_dp_size, a.attn_tp_size, a.moe_tp_size, a.ep_size, a.routed_experts_gather) == (
             int(attn_dp), int(attn_tp), int(moe_tp), int(ep_out), gather), cells
 
+
+
+# ---- issue 7: launch-line parity with SGLang (Must hold) ------------------------------------------
+
+def test_deepep_low_latency_capacity_counts_per_kernel_rank(clean_env, capsys):
+    code, _, err = run(capsys, "--moe-a2a-backend", "deepep", "--tp", "2", "--deepep-mode",
+                       "low_latency", "--cuda-graph-max-bs", "256")
+    assert code == 0, err
+
+
+def test_chunked_prefill_is_global_and_reported_per_rank(clean_env, capsys):
+    obj, _ = run_json(capsys, "--moe-a2a-backend", "deepep", "--tp", "8", "--dp", "8",
+                      "--enable-dp-attention", "--chunked-prefill-size", "16384")
+    assert obj["args"]["chunked_prefill_size"] == 16384
+    assert obj["derived"]["prefill_tokens_per_dp_rank"] == 2048
+    assert obj["derived"]["prefill_tokens_per_kernel_rank"] == 2048
+
+
+def test_sglang_launch_line_works_unchanged(clean_env, capsys):
+    obj, err = run_json(capsys, "--model-path", "deepseek-ai/DeepSeek-V3", "--tp", "8",
+                        "--moe-a2a-backend", "deepep", "--mem-fraction-static", "0.8",
+                        "--enable-two-batch-overlap")
+    (warning,) = [w for w in obj["warnings"] if "SGLang flags" in w]
+    for flag in ("--model-path", "--mem-fraction-static", "--enable-two-batch-overlap"):
+        assert flag in warning
+    assert warning in err  # also on stderr
+    assert obj["args"]["ep_size"] == 8
+
+
+def test_near_miss_exits_2_suggesting_our_flag(clean_env, capsys):
+    code, out, err = run(capsys, "--ep-szie", "4")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "did you mean --ep-size?" in err
+
+
+def test_process_near_miss_and_sglang_flags():
+    proc = _process(["--ep-szie", "4"])
+    assert proc.returncode == 2 and "did you mean --ep-size?" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    proc = _process(["--model-path", "x", "--tp", "2", "--json"], {"SGL_DEEPEP_BF16_DISPATCH": "1"})
+    assert proc.returncode == 0, proc.stderr
+    warnings_ = json.loads(proc.stdout)["warnings"]
+    assert any("--model-path" in w for w in warnings_)
+    assert any("SGL_DEEPEP_BF16_DISPATCH=1" in w for w in warnings_)

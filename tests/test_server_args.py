@@ -538,6 +538,32 @@ def test_rule7_eplb_defaults_are_decisions():
     assert not has_decision(b, "ep_dispatch_algorithm")
 
 
+def test_rule7_recorder_buffer_follows_rebalance_iterations_as_in_sglang():
+    a = R(["--enable-eplb", "--tp-size", "4", "--ep-size", "4", "--eplb-rebalance-num-iterations",
+           "250"])
+    assert a.expert_distribution_recorder_buffer_size == 250
+    d = decision(a, "expert_distribution_recorder_buffer_size")
+    assert (d.from_, d.to) == (None, 250) and "--eplb-rebalance-num-iterations 250" in d.reason
+    b = R(["--expert-distribution-recorder-mode", "per_token"])  # a recorder without EPLB too
+    assert b.expert_distribution_recorder_buffer_size == 1000
+    c = R(["--expert-distribution-recorder-mode", "stat",
+           "--expert-distribution-recorder-buffer-size", "-1"])
+    assert c.expert_distribution_recorder_buffer_size == -1  # given: kept
+    assert R().expert_distribution_recorder_buffer_size is None  # no recorder: nothing to size
+    assert any("has no effect" in w for w in
+               R(["--expert-distribution-recorder-buffer-size", "8"]).warnings)
+
+
+def test_rule7_non_trivial_location_dispatches_statically_without_eplb():
+    a = R(["--init-expert-location", '{"physical_to_logical_map": [[0, 1]]}'])
+    assert a.ep_dispatch_algorithm == "static" and not a.enable_eplb
+    assert "not trivial" in decision(a, "ep_dispatch_algorithm").reason
+    b = R(["--init-expert-location", '{"physical_to_logical_map": [[0, 1]]}',
+           "--ep-dispatch-algorithm", "dynamic"])
+    assert b.ep_dispatch_algorithm == "dynamic" and not has_decision(b, "ep_dispatch_algorithm")
+    assert R().ep_dispatch_algorithm is None
+
+
 # ---- rule 8: routed-experts gather ---------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, expected", [
@@ -1140,6 +1166,10 @@ def _json_with(argv, **changes) -> str:
     ([], {"routed_experts_gather": "auto"}, "is unresolved"),
     ([], {"moe_runner_backend": "megamoe"}, "becomes --moe-a2a-backend megamoe"),
     ([], {"init_expert_location": "placement.json"}, "stored as an absolute path"),
+    ([], {"init_expert_location": '{"logical_count": [[1, 2]]}'},
+     "a placement other than trivial sets a dispatch algorithm"),
+    (["--expert-distribution-recorder-mode", "stat"],
+     {"expert_distribution_recorder_buffer_size": None}, "an active recorder gets a buffer size"),
     ([], {"deepep_config": "/path/to/deepep.json"}, "is not valid JSON"),
 ])
 def test_from_json_rejects_states_resolve_never_produces(argv, changes, part):
@@ -1211,3 +1241,178 @@ def test_error_messages_cut_echoed_values(call):
     message = str(info.value)
     assert len(message) < 1500, message[:300]
     assert "x" * 100 not in message
+
+
+# ---- SGLang launch lines (issue 7) -------------------------------------------------------------
+
+def test_sglang_flags_are_accepted_and_reported_in_one_warning():
+    a = R(["--model-path", "deepseek-ai/DeepSeek-V3", "--tp", "8", "--moe-a2a-backend", "deepep",
+           "--mem-fraction-static", "0.8", "--enable-two-batch-overlap", "--cuda-graph-bs", "1",
+           "2", "4", "--host=0.0.0.0", "--trust-remote-code"])
+    assert (a.moe_a2a_backend, a.ep_size) == ("deepep", 8)
+    (note,) = [w for w in a.warnings if "SGLang flags" in w]
+    for flag in ("--model-path", "--mem-fraction-static", "--enable-two-batch-overlap",
+                 "--cuda-graph-bs", "--host", "--trust-remote-code"):
+        assert flag in note
+    assert "give --cuda-graph-max-bs for the capacity checks" in note
+    assert not R(["--tp", "2"]).warnings  # no SGLang flag, no note
+
+
+def test_sglang_flag_table_is_data_with_releases():
+    from moe_a2a.server_args.sglang_flags import RELEASES, SGLANG_FLAGS
+
+    by_flag = {f: entry for entry in SGLANG_FLAGS for f in entry.flags}
+    assert RELEASES == ("0.5.14", "0.5.23")
+    assert by_flag["--model-path"].flags == ("--model-path", "--model")
+    assert by_flag["--enable-two-batch-overlap"].nargs == 0
+    assert by_flag["--cuda-graph-bs"].nargs == "+"
+    assert by_flag["--enable-waterfill"].releases == ("0.5.23",)
+    assert by_flag["--enable-deepep-waterfill"].releases == ("0.5.14",)
+    assert by_flag["--attn-dp-size"].flags == ("--attn-dp-size", "--attention-data-parallel-size")
+    assert len(SGLANG_FLAGS) > 500
+
+
+def test_every_sglang_flag_parses_with_its_arity():
+    """Each flag of the table takes as many values as in SGLang, whether ours or not."""
+    from moe_a2a.server_args.cli import build_parser, own_flags
+    from moe_a2a.server_args.sglang_flags import SGLANG_FLAGS
+
+    parser, ours = build_parser(), set(own_flags())
+    for entry in SGLANG_FLAGS:
+        flag = entry.flags[0]
+        if flag in ours:
+            continue
+        values = {0: [], 1: ["1"], "?": ["1"], "*": ["1", "2"], "+": ["1", "2"]}[entry.nargs]
+        ns = parser.parse_args([flag, *values, "--tp-size", "2"])
+        assert ns.sglang_unused_flags == [flag] and ns.tp_size == "2", flag
+
+
+def test_near_miss_of_our_flag_is_a_did_you_mean_error():
+    message = err(["--ep-szie", "4"])
+    assert "--ep-szie" in message and "did you mean --ep-size?" in message
+    assert "did you mean --enable-eplb?" in err(["--enable-elpb"])
+    assert "did you mean --deepep-mode?" in err(["--deepep-mdoe=normal"])
+    assert "unrecognized arguments: --no-such-flag" in err(["--no-such-flag"])  # not a near miss
+
+
+def test_add_arguments_leaves_the_callers_flags_alone():
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    parser.add_argument("--device", choices=["cpu", "cuda"])  # SGLang has --device too
+    add_arguments(parser)
+    ns = parser.parse_args(["--device", "cuda", "--dtype", "auto"])
+    assert ns.device == "cuda" and ns.sglang_unused_flags == ["--dtype"]
+    with pytest.raises(ConfigError, match="did you mean --tp-size"):
+        parser.parse_args(["--tp-szie", "2"])
+
+
+def test_add_arguments_into_a_group_checks_near_misses_on_the_given_parser():
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    add_arguments(parser.add_argument_group("server"), strict_parser=parser)
+    with pytest.raises(ConfigError, match="did you mean --moe-a2a-backend"):
+        parser.parse_args(["--moe-a2a-backnd", "deepep"])
+
+
+@pytest.mark.parametrize("argv, part", [
+    (["--ep-dispatch-algorithm", "lp"], "'lp' is known from SGLang but is not provided by moe-a2a"),
+    (["--ep-dispatch-algorithm", "fake"], "known from SGLang"),
+    (["--expert-distribution-recorder-mode", "stat_approx"], "known from SGLang"),
+    (["--eplb-algorithm", "deepseek_vec"], "known from SGLang"),
+    (["--eplb-algorithm", "elasticity_aware_hierarchical"], "known from SGLang"),
+    (["--moe-runner-backend", "flashinfer_trtllm"], "known from SGLang"),
+    (["--moe-runner-backend", "triton"], "choose one of auto, reference, grouped_mm, deep_gemm"),
+    (["--moe-a2a-backend", "ascend_tp"], "known from SGLang"),
+    (["--moe-a2a-backend", "flashinfer_megamoe"], "known from SGLang"),
+])
+def test_sglang_values_not_provided_here_get_a_specific_message(argv, part):
+    assert part in err(argv)
+
+
+def test_a_typo_value_is_not_mistaken_for_an_sglang_one():
+    message = err(["--ep-dispatch-algorithm", "statc"])
+    assert "is not a valid ep_dispatch_algorithm" in message and "known from SGLang" not in message
+
+
+def test_cuda_graph_max_bs_decode_is_sglang_0_5_14s_name():
+    a = R(["--cuda-graph-max-bs-decode", "64"])
+    assert a.cuda_graph_max_bs == 64 and src(a, "cuda_graph_max_bs") == "cli"
+
+
+def test_moe_runner_backend_is_stored_and_megamoe_selects_the_backend():
+    assert R(["--moe-runner-backend", "Grouped-MM"]).moe_runner_backend == "grouped_mm"
+    a = R(["--moe-runner-backend", "megamoe", "--tp", "4"])
+    assert (a.moe_a2a_backend, a.moe_runner_backend, a.ep_size) == ("megamoe", "auto", 4)
+    assert "names the backend" in decision(a, "moe_runner_backend").reason
+    assert decision(a, "moe_a2a_backend").to == "megamoe"
+    assert R(["--moe-runner-backend", "megamoe", "--moe-a2a-backend", "megamoe"]).moe_a2a_backend == "megamoe"
+    # SGLang overrides another backend with a warning; an explicit conflict is an error here
+    message = err(["--moe-runner-backend", "megamoe", "--moe-a2a-backend", "deepep"])
+    assert "--moe-runner-backend megamoe" in message and "--moe-a2a-backend deepep" in message
+
+
+def test_enable_waterfill_is_sglang_0_5_23s_name_and_allowed_with_megamoe():
+    a = R(["--enable-waterfill", "--moe-a2a-backend", "megamoe", "--tp", "4"])
+    assert a.enable_deepep_waterfill and a.moe_a2a_backend == "megamoe"
+    assert a.enforce_shared_experts_fusion
+    assert R(["--enable-waterfill", "--tp", "2"]).moe_a2a_backend == "deepep"
+
+
+def test_attn_dp_size_is_sglang_0_5_23s_dp_attention():
+    a = R(["--moe-a2a-backend", "deepep", "--tp", "8", "--attn-dp-size", "8"])
+    assert (a.dp_size, a.enable_dp_attention, a.attn_tp_size) == (8, True, 1)
+    assert R(["--attention-data-parallel-size", "2", "--tp", "4"]).attn_dp_size == 2
+    assert not R(["--attn-dp-size", "1"]).enable_dp_attention
+    assert not any("deprecated" in w for w in R(["--attn-dp-size", "2", "--tp", "2"]).warnings)
+    message = err(["--attn-dp-size", "4", "--dp-size", "2", "--tp", "4"])
+    assert "--attn-dp-size 4" in message and "--dp-size 2" in message
+
+
+def test_old_sgl_prefix_is_honoured_with_a_warning():
+    a = R(["--moe-a2a-backend", "deepep"], {"SGL_DEEPEP_NUM_MAX_DISPATCH_TOKENS_PER_RANK": "64"})
+    assert a.deepep_num_max_dispatch_tokens_per_rank == 64
+    assert a.sources[CAP] == Source(SourceKind.LEGACY_ENV, "SGL_DEEPEP_NUM_MAX_DISPATCH_TOKENS_PER_RANK")
+    assert any("SGL_DEEPEP_NUM_MAX_DISPATCH_TOKENS_PER_RANK is SGLang's older spelling" in w
+               for w in a.warnings)
+    b = R(env={"SGL_OPT_USE_DEEPGEMM_MEGA_MOE": "1"})
+    assert b.moe_a2a_backend == "megamoe"
+    # both spellings: the current one wins (SGLang lets the old one win), with a warning
+    c = R(["--moe-a2a-backend", "deepep"], {"SGLANG_DEEPEP_NUM_MAX_DISPATCH_TOKENS_PER_RANK": "256",
+                                            "SGL_DEEPEP_NUM_MAX_DISPATCH_TOKENS_PER_RANK": "64"})
+    assert c.deepep_num_max_dispatch_tokens_per_rank == 256
+    assert any("SGL_DEEPEP_NUM_MAX_DISPATCH_TOKENS_PER_RANK=64 is ignored" in w for w in c.warnings)
+
+
+@pytest.mark.parametrize("text, expected", [("y", True), ("Y", True), ("n", False), ("N", False)])
+def test_legacy_booleans_take_sglangs_y_and_n(text, expected):
+    a = R(["--moe-a2a-backend", "megamoe"], {"SGLANG_OPT_FIX_MEGA_MOE_MEMORY": text})
+    assert a.mega_moe_fix_memory is expected
+    assert R(env={"SGLANG_OPT_USE_DEEPGEMM_MEGA_MOE": text}).moe_a2a_backend == (
+        "megamoe" if expected else "none")
+
+
+def test_our_own_variables_keep_the_documented_spellings():
+    message = err(env={"MOE_A2A_ENABLE_EPLB": "y"})
+    assert "MOE_A2A_ENABLE_EPLB='y' is not a boolean" in message and "y/n" not in message
+
+
+def test_unused_sglang_moe_variables_are_reported_when_set():
+    env = {"SGLANG_DEEPEP_BF16_DISPATCH": "1", "SGLANG_MOE_NVFP4_DISPATCH": "true",
+           "SGLANG_OPT_DEEPGEMM_MEGA_MOE_USE_FP4_ACTS": "1",
+           "SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR": "/tmp/rec",
+           "SGL_SIMULATE_UNIFORM_EXPERTS": "1",
+           "SGLANG_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK": "4096",
+           "SGLANG_UNRELATED_SETTING": "1"}
+    a = R(env=env)
+    (note,) = [w for w in a.warnings if "SGLang variables" in w]
+    for var in ("SGLANG_DEEPEP_BF16_DISPATCH=1", "SGLANG_MOE_NVFP4_DISPATCH=true",
+                "SGLANG_OPT_DEEPGEMM_MEGA_MOE_USE_FP4_ACTS", "SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR",
+                "SGL_SIMULATE_UNIFORM_EXPERTS", "SGLANG_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK"):
+        assert var in note
+    assert "SGLANG_UNRELATED_SETTING" not in note  # not a MoE variable: not ours to judge
+    assert not any("SGLang variables" in w for w in R(env={"SGLANG_DEEPEP_BF16_DISPATCH": ""}).warnings)
+
+
+def test_megamoe_default_cap_is_sglang_0_5_14s():
+    a = R(["--moe-a2a-backend", "megamoe"])
+    assert a.mega_moe_num_max_tokens_per_rank == 1024 and a.backend_settings.num_max_tokens_per_rank == 1024
+    b = R(["--moe-a2a-backend", "megamoe"], {"SGLANG_OPT_DEEPGEMM_MEGA_MOE_NUM_MAX_TOKENS_PER_RANK": "8192"})
+    assert b.mega_moe_num_max_tokens_per_rank == 8192  # 0.5.23's default, asked for explicitly
