@@ -1416,3 +1416,13 @@ def test_megamoe_default_cap_is_sglang_0_5_14s():
     assert a.mega_moe_num_max_tokens_per_rank == 1024 and a.backend_settings.num_max_tokens_per_rank == 1024
     b = R(["--moe-a2a-backend", "megamoe"], {"SGLANG_OPT_DEEPGEMM_MEGA_MOE_NUM_MAX_TOKENS_PER_RANK": "8192"})
     assert b.mega_moe_num_max_tokens_per_rank == 8192  # 0.5.23's default, asked for explicitly
+
+
+def test_binary_files_are_config_errors(tmp_path):
+    blob = tmp_path / "deepep.json"
+    blob.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff" * 8)
+    message = err(["--deepep-config", str(blob)])
+    assert "is not UTF-8 text" in message and "deepep.json" in message
+    location = tmp_path / "placement.json"
+    location.write_bytes(b"\xff\xfe\x00\x01")
+    assert "is not UTF-8 text" in err(["--init-expert-location", str(location)])
