@@ -192,7 +192,7 @@ class EPMoE(torch.nn.Module):
                                 settings=args.backend_settings)
         local = weights.shard(setup.placement, groups.moe_tp_rank, groups.moe_tp_size)
         if runner is None:
-            runner = select_runner(getattr(args, "moe_runner_backend", "auto"), ctx.device, dtype)
+            runner = select_runner(args.moe_runner_backend, ctx.device, dtype)
         experts = LocalExperts(local.to(ctx.device, dtype), runner)
         dispatcher: Optional[BaseDispatcher] = None
         fused: Optional[FusedMoE] = None

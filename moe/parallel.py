@@ -15,56 +15,14 @@ import torch.distributed as dist
 
 from moe_a2a.dispatchers.groups import CommGroups
 from moe_a2a.errors import MoeA2AError
+from moe_a2a.server_args.layout import ParallelLayout
 
 if TYPE_CHECKING:
     from moe_a2a.server_args import ServerArgs
 
 
-@dataclass(frozen=True)
-class ParallelSizes:
-    """The four sizes that fix the layout; ``attn_tp_size = tp // attn_dp_size``."""
-
-    tp_size: int
-    attn_dp_size: int = 1
-    ep_size: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("tp_size", "attn_dp_size", "ep_size"):
-            if getattr(self, name) < 1:
-                raise MoeA2AError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.tp_size % self.attn_dp_size:
-            raise MoeA2AError(
-                f"tp_size={self.tp_size} is not divisible by the attention dp size "
-                f"{self.attn_dp_size}: choose --dp-size dividing --tp-size"
-            )
-        if self.tp_size % self.ep_size:
-            raise MoeA2AError(
-                f"tp_size={self.tp_size} is not divisible by ep_size={self.ep_size}: "
-                f"choose --ep-size dividing --tp-size"
-            )
-
-    @property
-    def attn_tp_size(self) -> int:
-        return self.tp_size // self.attn_dp_size
-
-    @property
-    def moe_tp_size(self) -> int:
-        return self.tp_size // self.ep_size
-
-    @classmethod
-    def from_server_args(cls, args: "ServerArgs") -> "ParallelSizes":
-        """From resolved server arguments."""
-        return cls(tp_size=args.tp_size, attn_dp_size=args.attn_dp_size, ep_size=args.ep_size)
-
-    def layout_groups(self) -> Dict[str, List[List[int]]]:
-        """Rank lists of every group kind (documented in ``moe_a2a.dispatchers.groups``)."""
-        tp, atp, ep, mtp = self.tp_size, self.attn_tp_size, self.ep_size, self.moe_tp_size
-        return {
-            "attn_tp": [list(range(d * atp, (d + 1) * atp)) for d in range(self.attn_dp_size)],
-            "attn_dp": [list(range(t, tp, atp)) for t in range(atp)],
-            "moe_tp": [list(range(e * mtp, (e + 1) * mtp)) for e in range(ep)],
-            "ep": [list(range(m, tp, mtp)) for m in range(mtp)],
-        }
+#: The job's sizes and rank math (one implementation, in ``moe_a2a.server_args.layout``).
+ParallelSizes = ParallelLayout
 
 
 def _new_groups(rank_lists: Sequence[Sequence[int]], rank: int, backend: Optional[str],

@@ -109,6 +109,11 @@ class ParallelLayout:
             "ep": [list(range(m, tp, mtp)) for m in range(mtp)],
         }
 
+    @classmethod
+    def from_server_args(cls, args) -> "ParallelLayout":
+        """The layout of resolved ``ServerArgs`` (``args.layout``)."""
+        return cls(tp_size=args.tp_size, attn_dp_size=args.attn_dp_size, ep_size=args.ep_size)
+
     def split(self, tokens: int, scattered: bool) -> int:
         """The most tokens one rank's kernel receives from a DP rank's batch of ``tokens``:
         scattered layouts split it over the attention-TP ranks (the fullest rank counts)."""

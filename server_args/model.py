@@ -160,8 +160,7 @@ class ServerArgs(ServerArgsFields):
     @property
     def layout(self) -> ParallelLayout:
         """The rank layout of this job (``moe_a2a.server_args.layout``)."""
-        return ParallelLayout(tp_size=self.tp_size, attn_dp_size=self.attn_dp_size,
-                              ep_size=self.ep_size)
+        return ParallelLayout.from_server_args(self)
 
     @property
     def attn_dp_size(self) -> int:

@@ -66,7 +66,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     server = p.add_argument_group(
         "server arguments", "as for `moe-a2a config`; run's own defaults: "
         + ", ".join(f"{k}={v}" for k, v in RUN_DEFAULTS.items()))
-    add_arguments(server)
+    add_arguments(server, strict_parser=p)
     p.set_defaults(handler=main)
     return p
 
@@ -165,7 +165,7 @@ def _check_capacity(args: "ServerArgs", num_tokens: int) -> None:
     from moe_a2a.server_args.validate import batch_capacity_error
 
     attn_tp = args.attn_tp_size if args.backend_spec.token_layout == "scattered" else 1
-    per_rank = -(-num_tokens // attn_tp)  # the fullest rank after the attention-TP split
+    per_rank = args.kernel_tokens(num_tokens)  # the fullest rank after the attention-TP split
     shown = f"--num-tokens {num_tokens}" + (f" over {attn_tp} attention-TP ranks" if attn_tp > 1 else "")
     message = batch_capacity_error(args, per_rank, shown, "--num-tokens")
     if message:
@@ -241,9 +241,9 @@ def main(ns: argparse.Namespace) -> int:
             print(f"moe-a2a: error: {exc}", file=sys.stderr)
             return EXIT_MISMATCH
     else:
-        if launch.world_size != args.tp_size:
-            raise MoeA2AError(f"torchrun started {launch.world_size} processes but --tp-size is "
-                              f"{args.tp_size}: use --nproc-per-node {args.tp_size} (x nodes)")
+        launch.check_world(args.tp_size)
+        # env://, not launch.init_method: under torchrun the agent already serves the store
+        # at MASTER_PORT, and env:// joins it
         summary = run_rank(launch.rank, plan, "env://", launch.world_size, launch.local_rank)
         if launch.rank != 0:
             return 0 if summary["passed"] else EXIT_MISMATCH  # rank 0 reports for the job
