@@ -136,6 +136,7 @@ def _recording(values: Values, spec: BackendSpec) -> bool:
 
 # SGLang's MoE runners that moe-a2a does not provide (0.5.14 and 0.5.23 choices).
 SGLANG_ONLY_RUNNERS = (
+    "deep_gemm",  # DeepGEMM's grouped GEMMs: not built here (its wheels do not load on torch 2.11)
     "triton", "triton_kernel", "flashinfer_trtllm", "experimental_sgl_trtllm",
     "flashinfer_trtllm_routed", "flashinfer_cutlass", "flashinfer_mxfp4", "flashinfer_cutedsl",
     "flashinfer_megamoe", "cutlass", "aiter", "marlin", "humming", "experimental_sgl_marlin",
@@ -164,11 +165,11 @@ class ServerArgsFields(BaseModel):
                        meaning="selects megamoe when no backend is given explicitly"),))] = "none"
     moe_runner_backend: Annotated[str, Arg(
         group="backend", metavar="RUNNER", kind=Kind.NAME,
-        choices=("auto", "reference", "grouped_mm", "deep_gemm", RUNNER_SELECTS_BACKEND),
+        choices=("auto", "reference", "grouped_mm", RUNNER_SELECTS_BACKEND),
         sglang_only=SGLANG_ONLY_RUNNERS,
         help="expert compute of the non-fused paths: reference (plain torch), grouped_mm "
-             "(torch._grouped_mm), deep_gemm, auto (the best available); megamoe (SGLang "
-             "0.5.23) selects --moe-a2a-backend megamoe",
+             "(torch._grouped_mm), auto (grouped_mm on CUDA with bfloat16, else reference); "
+             "megamoe (SGLang 0.5.23) selects --moe-a2a-backend megamoe",
         auto="auto after megamoe selected the megamoe backend")] = "auto"
     # ---- parallelism ---------------------------------------------------------------------------
     tp_size: Annotated[int, Arg(

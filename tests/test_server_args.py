@@ -1319,7 +1319,7 @@ def test_add_arguments_into_a_group_checks_near_misses_on_the_given_parser():
     (["--eplb-algorithm", "deepseek_vec"], "known from SGLang"),
     (["--eplb-algorithm", "elasticity_aware_hierarchical"], "known from SGLang"),
     (["--moe-runner-backend", "flashinfer_trtllm"], "known from SGLang"),
-    (["--moe-runner-backend", "triton"], "choose one of auto, reference, grouped_mm, deep_gemm"),
+    (["--moe-runner-backend", "deep_gemm"], "choose one of auto, reference, grouped_mm, megamoe"),
     (["--moe-a2a-backend", "ascend_tp"], "known from SGLang"),
     (["--moe-a2a-backend", "flashinfer_megamoe"], "known from SGLang"),
 ])
