@@ -172,10 +172,10 @@ class EPMoE(torch.nn.Module):
         if not isinstance(args, ServerArgs):
             raise MoeA2AError(f"EPMoE.build needs resolved ServerArgs (moe_a2a.server_args."
                               f"resolve), got {type(args).__name__}")
-        if router.num_experts != weights.num_experts:
+        if router.num_experts != weights.num_logical_experts:
             raise MoeA2AError(
                 f"router.num_experts={router.num_experts} but the weights hold "
-                f"{weights.num_experts} experts: build both from the same expert count")
+                f"{weights.num_logical_experts} experts: build both from the same expert count")
         spec = args.backend_spec
         groups = ctx.groups
         owns = communicators is None
@@ -238,6 +238,12 @@ class EPMoE(torch.nn.Module):
         own list, so observers added to the stack later are seen too)."""
         self._step_provider = step_provider
         self.observers = observers
+
+    def get_moe_weights(self) -> List[torch.Tensor]:
+        """Views of this rank's routed expert slots ``[w_gate, w_up, w_down]`` (each
+        ``[slots, ...]``), without the fused shared-expert slots: what EPLB moves."""
+        routed = self.experts.num_local_experts - getattr(self.remap, "shared_slots_per_rank", 0)
+        return [w.data[:routed] for w in (self.experts.w_gate, self.experts.w_up, self.experts.w_down)]
 
     def close(self) -> None:
         """Release the communicators if this layer owns them (a stack closes its own)."""

@@ -76,9 +76,11 @@ class _Oracle:
 
 
 def _build_stack(plan: RunPlan, args: "ServerArgs", ctx: "ParallelContext", dtype: torch.dtype):
-    """Build the MoE stack and each layer's oracle (same seeded weights on every rank)."""
+    """Build the MoE stack (with its EPLB runtime, or None) and each layer's oracle (same
+    seeded weights on every rank)."""
+    from moe_a2a.eplb.run_job import skew_routing
+    from moe_a2a.eplb.runtime import build_eplb_stack
     from moe_a2a.routing import RouterConfig
-    from moe_a2a.stack import MoEStack
     from moe_a2a.weights import MoEWeights
 
     shape = plan.shape
@@ -101,10 +103,11 @@ def _build_stack(plan: RunPlan, args: "ServerArgs", ctx: "ParallelContext", dtyp
             weights = MoEWeights.random(shape.num_experts, shape.hidden_size,
                                         shape.intermediate_size, shape.shared_intermediate_size,
                                         seed=seed, dtype=dtype, with_correction_bias=True)
+            weights = skew_routing(weights, plan.routing_skew, seed)
             oracles.append(_Oracle(weights, router, None, ctx.device))
         all_weights.append(weights)
         routers.append(router)
-    return MoEStack.build(all_weights, routers, args, ctx, dtype=dtype), oracles
+    return build_eplb_stack(all_weights, routers, args, ctx, dtype=dtype), oracles
 
 
 def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
@@ -128,7 +131,7 @@ def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
     try:
         sizes = ParallelSizes.from_server_args(args)
         ctx = make_parallel_context(sizes, rank, device)
-        stack, oracles = _build_stack(plan, args, ctx, dtype)
+        (stack, eplb), oracles = _build_stack(plan, args, ctx, dtype)
         layers = stack.layers
         groups = ctx.groups
         max_err, max_scale, worst_ratio = 0.0, 0.0, 0.0
@@ -174,6 +177,11 @@ def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
             dist.all_reduce(summed)
         max_err, max_scale, worst_ratio, ep_seconds = maxed.tolist()
         total_tokens, timed_tokens = summed.tolist()
+        extra = {}
+        if eplb is not None:  # collective: every rank dumps the recorder
+            from moe_a2a.eplb.run_job import run_summary
+
+            extra["eplb"] = run_summary(eplb)
         return {
             "passed": worst_ratio <= 1.0,
             "max_abs_err": max_err,
@@ -199,6 +207,7 @@ def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
             "seed": plan.seed,
             "layer_calls": stack.path_counts(),
             "communicators": len(stack.communicators),
+            **extra,
         }
     finally:
         if stack is not None:

@@ -35,3 +35,4 @@ class RunPlan:
     dtype: str = "float32"
     device: str = "cpu"
     progress: bool = True
+    routing_skew: float = 0.0      # bias the router towards a few experts (EPLB demos)

@@ -168,13 +168,20 @@ def _check_expert_shapes(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch
 class MoEWeights(_ExpertStack):
     """Global weights of one MoE layer (every rank may hold the same copy).
 
+    The expert stacks hold one entry per *physical slot*: the logical experts themselves
+    (``physical_to_logical`` None), or EPLB's physical layout (``physical(...)``: replicas of
+    hot experts, fused shared-expert slots) while the router stays logical.
+
     Attributes:
-        gate: ``[E, H]`` router weight (float32 by convention; routing math is float32).
+        gate: ``[E, H]`` router weight over the ``E`` logical experts (float32 by convention;
+            routing math is float32).
         correction_bias: ``[E]`` float32 score-correction bias, or ``None``.
-        w_gate: ``[E, I, H]`` expert gate projections.
-        w_up: ``[E, I, H]`` expert up projections.
-        w_down: ``[E, H, I]`` expert down projections.
+        w_gate: ``[P, I, H]`` expert gate projections (``P = E`` unless physical).
+        w_up: ``[P, I, H]`` expert up projections.
+        w_down: ``[P, H, I]`` expert down projections.
         shared: the shared expert, or ``None``.
+        physical_to_logical: ``[P]`` int64 logical expert of each slot (``-1``: a fused
+            shared-expert slot), or ``None`` when slot ``e`` is logical expert ``e``.
     """
 
     gate: torch.Tensor
@@ -183,12 +190,18 @@ class MoEWeights(_ExpertStack):
     w_up: torch.Tensor
     w_down: torch.Tensor
     shared: Optional[SharedExpertWeights] = None
+    physical_to_logical: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         _check_expert_shapes(self.w_gate, self.w_up, self.w_down, "MoEWeights")
-        e, _, h = self.w_gate.shape
+        p, _, h = self.w_gate.shape
+        e = p if self.physical_to_logical is None else int(self.gate.shape[0])
         if tuple(self.gate.shape) != (e, h):
             raise MoeA2AError(f"router gate has shape {tuple(self.gate.shape)}; expected [E, H] = [{e}, {h}]")
+        p2l = self.physical_to_logical
+        if p2l is not None and (tuple(p2l.shape) != (p,) or bool(((p2l < -1) | (p2l >= e)).any())):
+            raise MoeA2AError(f"physical_to_logical has shape {tuple(p2l.shape)} / values outside "
+                              f"[-1, {e}); expected [{p}] logical ids (-1 = fused shared slot)")
         if self.correction_bias is not None and tuple(self.correction_bias.shape) != (e,):
             raise MoeA2AError(
                 f"correction_bias has shape {tuple(self.correction_bias.shape)}; expected [E] = [{e}]"
@@ -200,7 +213,31 @@ class MoEWeights(_ExpertStack):
 
     @property
     def num_experts(self) -> int:
+        """Expert slots (``P``; the logical experts unless the weights are physical)."""
         return int(self.w_gate.shape[0])
+
+    @property
+    def num_logical_experts(self) -> int:
+        """``E``, the experts the router chooses from."""
+        return int(self.gate.shape[0])
+
+    def physical(self, physical_to_logical: torch.Tensor) -> "MoEWeights":
+        """The weights of ``P`` physical slots: slot ``p`` holds a copy of logical expert
+        ``physical_to_logical[p]`` (``[P]`` int64, e.g. one layer of an EPLB
+        ``ExpertLocation.physical_to_logical``); router and shared expert unchanged."""
+        if self.physical_to_logical is not None:
+            raise MoeA2AError("MoEWeights.physical: these weights are already physical; start "
+                              "from the logical weights")
+        index = torch.as_tensor(physical_to_logical, dtype=torch.int64).cpu()
+        if index.dim() != 1 or bool(((index < 0) | (index >= self.num_experts)).any()):
+            raise MoeA2AError(f"MoEWeights.physical: physical_to_logical must be [P] ids in "
+                              f"[0, {self.num_experts}), got shape {tuple(index.shape)}")
+        slots = index.to(self.w_gate.device)
+        return MoEWeights(gate=self.gate, correction_bias=self.correction_bias,
+                          w_gate=self.w_gate.index_select(0, slots),
+                          w_up=self.w_up.index_select(0, slots),
+                          w_down=self.w_down.index_select(0, slots),
+                          shared=self.shared, physical_to_logical=index)
 
     @classmethod
     def random(cls, num_experts: int, hidden: int, intermediate: int, shared_intermediate: int = 0, *,
@@ -271,6 +308,7 @@ class MoEWeights(_ExpertStack):
             w_up=self.w_up.to(device=device, dtype=dtype),
             w_down=self.w_down.to(device=device, dtype=dtype),
             shared=None if self.shared is None else self.shared.to(device, dtype),
+            physical_to_logical=self.physical_to_logical,
         )
 
 

@@ -105,8 +105,19 @@ def test_torchrun_two_processes():
     (["--moe-a2a-backend", "deepep", "--tp-size", "2"], "--moe-a2a-backend deepep cannot run on cpu"),
     (["--device", "cuda"], "--device cuda"),
     (["--enable-return-routed-experts"], "routed-experts capture is not built by `moe-a2a run`"),
-    (["--tp-size", "4", "--ep-size", "4", "--moe-a2a-backend", "none", "--enable-eplb"],
-     "--enable-eplb: EPLB is not built"),
+    (["--moe-a2a-backend", "alltoall", "--tp-size", "4", "--num-experts", "16", "--enable-eplb",
+      "--ep-num-redundant-experts", "3"],
+     "--num-experts 16 + --ep-num-redundant-experts 3 = 19 physical experts cannot be split "
+     "over ep 4: the physical expert count must be a multiple of 4; fix: use "
+     "--ep-num-redundant-experts 0 or 4"),
+    (["--tp-size", "4", "--ep-num-redundant-experts", "1", "--num-experts", "8"],
+     "= 9 physical experts cannot be split over ep 4"),
+    (["--enforce-shared-experts-fusion", "--shared-intermediate-size", "0"],
+     "but --shared-intermediate-size 0 means there is none"),
+    (["--enforce-shared-experts-fusion", "--shared-intermediate-size", "96"],
+     "into slots of --intermediate-size 64: use a multiple of 64"),
+    (["--routing-skew", "-1"], "--routing-skew -1.0 is invalid"),
+    (["--enable-deepep-waterfill", "--tp-size", "2"], "--moe-a2a-backend deepep cannot run on cpu"),
 ])
 def test_bad_input_exits_2_without_starting_ranks(argv, needle, capsys, monkeypatch):
     from moe_a2a import run as run_module

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any, Dict
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from moe_a2a.errors import MoeA2AError
 
@@ -61,6 +61,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     job.add_argument("--seed", type=int, default=plan.seed)
     job.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     job.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    job.add_argument("--routing-skew", type=float, default=plan.routing_skew, metavar="S",
+                     help="add S to the router's correction bias of a few seeded experts (E/8): "
+                          "skewed expert load for EPLB to rebalance (built-in shape only)")
     job.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     job.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     server = p.add_argument_group(
@@ -108,7 +111,11 @@ def checked_shape(shape: "ModelShape", args: "ServerArgs") -> "ModelShape":
     ep, moe_tp = args.ep_size, args.moe_tp_size
     why_ep = (f" ({args.moe_a2a_backend} derives ep_size from --tp-size)"
               if args.backend_spec.ep_policy == "tp" else "")
-    if shape.num_experts % ep:
+    placement = eplb_shape_error(shape.num_experts, shape.intermediate_size,
+                                 shape.shared_intermediate_size, args)
+    if placement:
+        raise MoeA2AError(placement)
+    if shape.num_experts % ep and not args.ep_num_redundant_experts:
         multiple = ep * max(1, round(shape.num_experts / ep))
         raise MoeA2AError(
             f"--num-experts {shape.num_experts} cannot be split over ep_size {ep}{why_ep}: "
@@ -131,7 +138,10 @@ def _check_hf_shape(path: str, args: "ServerArgs") -> None:
     from moe_a2a.hf import moe_sizes
 
     num_experts, inter = moe_sizes(path)
-    if num_experts % args.ep_size:
+    placement = eplb_shape_error(num_experts, inter, None, args)
+    if placement:
+        raise MoeA2AError(f"{path}: {placement}")
+    if num_experts % args.ep_size and not args.ep_num_redundant_experts:
         raise MoeA2AError(
             f"{path}: {num_experts} experts cannot be split over ep_size {args.ep_size}: "
             f"change --tp-size/--ep-size to a divisor of {num_experts}")
@@ -141,14 +151,34 @@ def _check_hf_shape(path: str, args: "ServerArgs") -> None:
                           f"raise --ep-size")
 
 
+def eplb_shape_error(num_experts: int, intermediate: int, shared_intermediate: Optional[int],
+                     args: "ServerArgs") -> Optional[str]:
+    """Where the expert count is known: the physical experts (``E + redundant``) must split
+    over ep, and a fused shared expert must cut into routed-size slots."""
+    from moe_a2a.eplb.location import physical_count_error
+
+    message = None
+    if args.ep_num_redundant_experts:
+        message = physical_count_error(num_experts, args.ep_num_redundant_experts, args.ep_size,
+                                       experts_flag="--num-experts",
+                                       redundant_flag="--ep-num-redundant-experts")
+    fused = args.enforce_shared_experts_fusion or args.enable_deepep_waterfill
+    if message is None and fused and shared_intermediate is not None:
+        if shared_intermediate == 0:
+            message = ("--enforce-shared-experts-fusion computes the shared expert as top-k "
+                       "columns, but --shared-intermediate-size 0 means there is none; fix: "
+                       "drop one of them")
+        elif shared_intermediate % intermediate:
+            message = (f"--enforce-shared-experts-fusion cuts the shared expert "
+                       f"(--shared-intermediate-size {shared_intermediate}) into slots of "
+                       f"--intermediate-size {intermediate}: use a multiple of {intermediate}")
+    return message
+
+
 # Settings that resolve (so `moe-a2a config` explains them) but whose machinery `run` does not
 # build yet: refusing beats silently running without them.
 NOT_YET_RUN = (
     ("enable_return_routed_experts", "routed-experts capture"),
-    ("enable_eplb", "EPLB"),
-    ("ep_num_redundant_experts", "redundant experts (EPLB)"),
-    ("enable_deepep_waterfill", "DeepEP waterfill"),
-    ("enforce_shared_experts_fusion", "shared experts fused as top-k columns"),
 )
 
 
@@ -158,6 +188,14 @@ def _check_supported(args: "ServerArgs") -> None:
             flag = "--" + field.replace("_", "-")
             raise MoeA2AError(f"{flag}: {what} is not built by `moe-a2a run` in this release; "
                               f"drop {flag} (`moe-a2a config` still resolves and explains it)")
+
+
+def _checked_skew(skew: float) -> float:
+    import math
+
+    if not math.isfinite(skew) or skew < 0:
+        raise MoeA2AError(f"--routing-skew {skew} is invalid: it must be a finite number >= 0")
+    return skew
 
 
 def _check_capacity(args: "ServerArgs", num_tokens: int) -> None:
@@ -189,6 +227,14 @@ def _check_device(device: str, args: "ServerArgs") -> None:
 
 def _describe(summary: Dict[str, Any]) -> str:
     verdict = "PASSED" if summary["passed"] else "FAILED"
+    eplb = summary.get("eplb")
+    tail = ""
+    if eplb and eplb.get("utilization_before") is not None:
+        after = eplb.get("utilization_after")
+        tail = (f"\n  EPLB: {eplb['num_physical_experts']} physical experts, "
+                f"{len(eplb.get('rebalances', []))} rebalances; GPU utilisation (mean/max load) "
+                f"{eplb['utilization_before']:.3f} before"
+                + (f", {after:.3f} after" if after is not None else ""))
     return (
         f"{verdict}: backend {summary['backend']} on {summary['tp_size']} {summary['device']} ranks "
         f"({summary['dist_backend']}): attn_tp {summary['attn_tp_size']} x dp "
@@ -197,7 +243,7 @@ def _describe(summary: Dict[str, Any]) -> str:
         f"{summary['tokens']} tokens, {summary['dtype']}\n"
         f"  max abs err {summary['max_abs_err']:.3g} (tolerance {summary['tolerance']:.3g}, "
         f"reference: {summary['reference']}); {summary['tokens_per_s']:.1f} tokens/s through the "
-        f"layer stack")
+        f"layer stack{tail}")
 
 
 def main(ns: argparse.Namespace) -> int:
@@ -207,7 +253,9 @@ def main(ns: argparse.Namespace) -> int:
 
     with warnings.catch_warnings():  # printed once below, from args.warnings
         warnings.simplefilter("ignore")
-        args = resolve_namespace(ns, defaults=RUN_DEFAULTS)
+        # EPLB rebalances halfway through the run unless told otherwise
+        defaults = {**RUN_DEFAULTS, "eplb_rebalance_num_iterations": max(1, ns.steps // 2)}
+        args = resolve_namespace(ns, defaults=defaults)
     for warning in args.warnings:
         print(f"moe-a2a: warning: {warning}", file=sys.stderr)
     shape = ModelShape(
@@ -221,6 +269,9 @@ def main(ns: argparse.Namespace) -> int:
     _check_positive("--steps", ns.steps, 1)
     if shape.hf_config:
         _check_hf_shape(shape.hf_config, args)
+        if ns.routing_skew:
+            raise MoeA2AError("--routing-skew biases the built-in DeepSeek-style router; fix: "
+                              "drop --routing-skew or --hf-config")
     else:
         shape = checked_shape(shape, args)
     _check_supported(args)
@@ -228,7 +279,7 @@ def main(ns: argparse.Namespace) -> int:
     _check_device(ns.device, args)
     plan = RunPlan(args_json=args.to_json(), shape=shape, num_tokens=ns.num_tokens,
                    steps=ns.steps, seed=ns.seed, dtype=ns.dtype, device=ns.device,
-                   progress=not ns.quiet)
+                   progress=not ns.quiet, routing_skew=_checked_skew(ns.routing_skew))
     launch = read_launch_env()
     if launch is None:
         if not ns.quiet:

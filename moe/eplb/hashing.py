@@ -1,0 +1,40 @@
+"""A counter-based hash on the device: reproducible "random" choices without a generator.
+
+Choices that several ranks must make identically (a replica under the replicated layout,
+Waterfill's rank per token) are a pure function of integers every rank knows (a seed, the
+step, the layer, the row, the column). The arithmetic stays below 2**62, so int64 never
+overflows, on the CPU and on CUDA alike; no host read, no generator state.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+_MASK = 0x7FFFFFFF        # values live in [0, 2**31)
+_MULT = 0x045D9F3B        # < 2**27: (2**31) * _MULT < 2**58
+_COMBINE = 0x9E37         # < 2**16
+
+
+def _mix(h: torch.Tensor) -> torch.Tensor:
+    h = ((h ^ (h >> 16)) * _MULT) & _MASK
+    h = ((h ^ (h >> 16)) * _MULT) & _MASK
+    return h ^ (h >> 16)
+
+
+def salt(keys: Iterable[int]) -> int:
+    """Fold host integers (seed, step, layer, ...) into one 31-bit salt."""
+    h = torch.tensor(0x2545F491, dtype=torch.int64)
+    for key in keys:
+        h = _mix(((h * _COMBINE) & _MASK) ^ (int(key) & _MASK))
+    return int(h)
+
+
+def hash_index(index: torch.Tensor, salt_value: int) -> torch.Tensor:
+    """``[*]`` int64 non-negative indices → ``[*]`` int64 hashes in ``[0, 2**31)``."""
+    h = ((index & _MASK) * _COMBINE) & _MASK
+    return _mix(h ^ (salt_value & _MASK))
+
+
+__all__ = ["hash_index", "salt"]
