@@ -45,9 +45,21 @@ def run_eplb_case(rank: int, world_size: int, case: Dict[str, Any]) -> Dict[str,
     weights = [skewed_weights(case, router, i) for i in range(layers)]
     config = EPLBConfig.from_server_args(args, **case.get("config", {}))
     stack, eplb = build_eplb_stack(weights, router, args, ctx, config=config)
+    if eplb.recorder is not None and not eplb.recorder.recording:
+        eplb.recorder.start()  # without EPLB the user starts it
     g = ctx.groups
     worst = 0.0
     before_p2l = None if eplb.location is None else eplb.location.physical_to_logical.clone()
+    remote = [0]
+    if eplb.state.shared is not None:  # count shared columns placed on another rank
+        place = eplb.state.shared_ranks
+
+        def counting(routed, layer_id):
+            ranks = place(routed, layer_id)
+            remote[0] += int((ranks != g.ep_rank).sum())
+            return ranks
+
+        eplb.state.shared_ranks = counting
     for step, sizes in enumerate(case["batches"]):
         n = sizes[g.dp_rank]
         gen = torch.Generator().manual_seed(7 * step + g.dp_rank)
@@ -59,7 +71,8 @@ def run_eplb_case(rank: int, world_size: int, case: Dict[str, Any]) -> Dict[str,
                     ref = reference_moe(h, w, router).output
                     worst = max(worst, float((out - ref).abs().max()) / (1e-4 * max(1.0, float(ref.abs().max()))))
                 h = h + out
-    result: Dict[str, Any] = {"worst_ratio": worst}
+    result: Dict[str, Any] = {"worst_ratio": worst, "remote_shared": remote[0],
+                              "weights_match": _weights_match(stack, eplb, weights, g.ep_rank)}
     if eplb.manager is not None:
         result["reports"] = [dataclasses.asdict(r) for r in eplb.manager.reports]
     if eplb.location is not None:
@@ -100,3 +113,19 @@ def waterfill_exactly_once(rank: int, world_size: int, case: Dict[str, Any]) -> 
     both = torch.stack([load, shared])
     dist.all_reduce(both)
     return both.tolist()
+
+
+def _weights_match(stack, eplb, weights, ep_rank: int) -> bool:
+    """Every local routed slot holds its logical expert's (moe-TP sliced) weights."""
+    location = eplb.location
+    for layer, w in zip(stack.layers, weights):
+        local = layer.get_moe_weights()[0]               # [slots, I_local, H]
+        n, part = local.shape[0], local.shape[1]
+        mtp = stack.ctx.groups.moe_tp_rank
+        for slot in range(n):
+            expert = slot + ep_rank * n
+            if location is not None:
+                expert = int(location.physical_to_logical[layer.layer_id, ep_rank * n + slot])
+            if not torch.equal(local[slot], w.w_gate[expert, mtp * part:(mtp + 1) * part]):
+                return False
+    return True

@@ -44,6 +44,26 @@ def test_none_with_dp_attention_and_moe_tp_passes():
     assert (s["attn_tp_size"], s["moe_tp_size"], s["ep_size"]) == (2, 2, 2)
 
 
+def test_eplb_rebalances_skewed_routing_and_outputs_stay_equal():
+    s = _summary(_run("--moe-a2a-backend", "alltoall", "--tp-size", "4", "--enable-eplb",
+                      "--ep-num-redundant-experts", "4", "--routing-skew", "2", "--json"))
+    assert s["passed"] is True
+    eplb = s["eplb"]
+    assert eplb["utilization_after"] > eplb["utilization_before"]
+    assert eplb["num_physical_experts"] == 20 and eplb["dispatch_algorithm"] == "static"
+    first = eplb["rebalances"][0]
+    assert first["forward"] == 2 and first["layers_changed"] == [0, 1]  # halfway through 4 steps
+
+
+def test_fused_shared_experts_with_eplb_on_the_replicated_backend():
+    proc = _run("--moe-a2a-backend", "none", "--tp-size", "4", "--ep-size", "2",
+                "--enforce-shared-experts-fusion", "--enable-eplb", "--ep-num-redundant-experts", "2",
+                "--ep-dispatch-algorithm", "dynamic", "--routing-skew", "1", "--steps", "3",
+                "--num-tokens", "16")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("PASSED") and "EPLB: 18 physical experts, 1 rebalances" in proc.stdout
+
+
 def test_experts_not_divisible_by_ep_exits_2():
     proc = _run("--moe-a2a-backend", "alltoall", "--tp-size", "4", "--num-experts", "6")
     assert proc.returncode == 2

@@ -254,7 +254,7 @@ def main(ns: argparse.Namespace) -> int:
     with warnings.catch_warnings():  # printed once below, from args.warnings
         warnings.simplefilter("ignore")
         # EPLB rebalances halfway through the run unless told otherwise
-        defaults = {**RUN_DEFAULTS, "eplb_rebalance_num_iterations": max(1, ns.steps // 2)}
+        defaults = {**RUN_DEFAULTS, "eplb_rebalance_num_iterations": max(1, (ns.steps + 1) // 2)}
         args = resolve_namespace(ns, defaults=defaults)
     for warning in args.warnings:
         print(f"moe-a2a: warning: {warning}", file=sys.stderr)

@@ -8,12 +8,13 @@ so that routed + shared work levels out, like water filling the lowest ranks fir
   Static mode uses this rank's own tokens only (local counts, no communication); dynamic mode
   sums the loads and token counts over the EP group (one all-reduce of ``2 * ep`` integers).
 * water level ``target = ceil((sum(load) + tokens) / ep)``; deficit ``d[r] = max(target - load[r], 0)``.
-* candidate ranks: all of them when every rank is below the level; otherwise only this rank and
-  the ranks the token already goes to (its row is sent there anyway: no extra traffic).
+* candidate ranks: all of them when every rank is below the level; otherwise this rank and the
+  ranks the token already goes to (its row is sent there anyway: no extra traffic), or, when
+  none of those is below the level, every rank that is.
 * each token draws a candidate with probability proportional to its deficit, from a
   counter-based hash of (row, source rank, layer, seed): deterministic per token. Expected
   shared work on rank ``r`` is at most ``d[r]``.
-* no candidate below the level, or fewer than ``min_batch`` tokens on this rank: own rank.
+* no rank below the level, or fewer than ``min_batch`` tokens on this rank: own rank.
 
 Every token has exactly one shared column, so its shared expert is computed exactly once.
 Only scattered layouts can use it (each token is routed by one rank). Nothing here reads the
@@ -72,6 +73,9 @@ def waterfill_ranks(ids: torch.Tensor, *, routed_per_rank: int, ep_size: int, ep
     visited[:, ep_rank] = True
     allowed = visited | (load.max() <= target)                                       # [T, ep]
     weight = deficit.unsqueeze(0) * allowed                                          # [T, ep]
+    total = weight.sum(dim=1, keepdim=True)                                          # [T, 1]
+    # no allowed rank below the level: any rank below it (the row travels once more)
+    weight = torch.where(total > 0, weight, deficit.unsqueeze(0).expand_as(weight))
     total = weight.sum(dim=1)                                                        # [T]
     rows = torch.arange(num_tokens, device=device)
     draw = hash_index(rows, salt((salt_value, ep_rank))) % total.clamp_min(1)
