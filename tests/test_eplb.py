@@ -267,6 +267,17 @@ def test_property_dynamic_is_deterministic_by_seed_and_step(seed, step):
     assert not torch.equal(a, one(ids, 0, step + 1)) or not torch.equal(a, one(ids, 0, step + 2))
 
 
+def test_dispatch_tables_update_in_place():
+    dispatch = ReplicaDispatch(_two_copies(), algorithm="static", per_rank=True, ep_rank=0)
+    tables = (dispatch.table, dispatch.all_physical, dispatch.counts)
+    assert dispatch.all_physical.shape == (1, 7, 2)          # 1 + redundant replicas wide
+    dispatch.update(ExpertLocation.from_mapping([[0, 0, 1, 2, 3, 4, 5, 6]], 7, 4))
+    assert all(a is b for a, b in zip(tables, (dispatch.table, dispatch.all_physical, dispatch.counts)))
+    assert dispatch(torch.tensor([[0, 6]]), 0, 0).tolist() == [[0, 7]]  # rank 0 now holds expert 0
+    with pytest.raises(MoeA2AError, match="must keep the layers and physical experts"):
+        dispatch.update(ExpertLocation.trivial(1, 7, 5, 4))
+
+
 def test_unknown_dispatch_algorithm():
     with pytest.raises(MoeA2AError, match="unknown"):
         ReplicaDispatch(_two_copies(), algorithm="random", per_rank=True, ep_rank=0)

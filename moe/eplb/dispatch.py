@@ -15,7 +15,7 @@ computed twice (or not at all). There the choice depends on the row, never on th
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -86,17 +86,33 @@ class ReplicaDispatch:
         self.num_nodes = num_nodes
         self.seed = seed
         self.device = device
+        self.location: Optional[ExpertLocation] = None
         self.update(location)
 
     def update(self, location: ExpertLocation) -> None:
-        """Use a new placement (after a rebalance); rebuilds the device tables."""
-        self.location = location
-        self.all_physical = location.logical_to_all_physical.to(self.device)   # [L, E, R]
-        self.counts = location.replica_counts.to(self.device)                  # [L, E]
-        self.table = None
+        """Use a new placement (after a rebalance). The device tables keep their shapes and
+        addresses (updated in place), so a captured CUDA graph reads the new placement."""
+        # [L, E, R_max]: R_max = 1 + redundant, the most replicas one expert can get
+        width = location.num_physical_experts - location.num_logical_experts + 1
+        padded = torch.nn.functional.pad(location.logical_to_all_physical,
+                                         (0, width - location.logical_to_all_physical.shape[2]),
+                                         value=-1)
+        tables = {"all_physical": padded, "counts": location.replica_counts}  # [L, E, R_max], [L, E]
         if self.algorithm == "static" and self.per_rank:
-            self.table = static_dispatch_table(location, self.ep_rank,
-                                               num_nodes=self.num_nodes).to(self.device)  # [L, E]
+            tables["table"] = static_dispatch_table(location, self.ep_rank, num_nodes=self.num_nodes)
+        first = getattr(self, "location", None) is None
+        if not first and tuple(location.physical_to_logical.shape) != \
+                tuple(self.location.physical_to_logical.shape):
+            raise MoeA2AError("ReplicaDispatch.update: a new placement must keep the layers and "
+                              "physical experts of the old one")
+        for name, value in tables.items():
+            if first:
+                setattr(self, name, value.to(self.device))
+            else:
+                getattr(self, name).copy_(value)
+        if first and "table" not in tables:
+            self.table = None
+        self.location = location
 
     @property
     def num_physical_experts(self) -> int:

@@ -17,18 +17,19 @@ _MULT = 0x045D9F3B        # < 2**27: (2**31) * _MULT < 2**58
 _COMBINE = 0x9E37         # < 2**16
 
 
-def _mix(h: torch.Tensor) -> torch.Tensor:
+def _mix(h):
+    """31-bit avalanche step; ``h`` is an int64 tensor or a Python int in ``[0, 2**31)``."""
     h = ((h ^ (h >> 16)) * _MULT) & _MASK
     h = ((h ^ (h >> 16)) * _MULT) & _MASK
     return h ^ (h >> 16)
 
 
 def salt(keys: Iterable[int]) -> int:
-    """Fold host integers (seed, step, layer, ...) into one 31-bit salt."""
-    h = torch.tensor(0x2545F491, dtype=torch.int64)
+    """Fold host integers (seed, step, layer, ...) into one 31-bit salt (pure Python)."""
+    h = 0x2545F491
     for key in keys:
         h = _mix(((h * _COMBINE) & _MASK) ^ (int(key) & _MASK))
-    return int(h)
+    return h
 
 
 def hash_index(index: torch.Tensor, salt_value: int) -> torch.Tensor:
