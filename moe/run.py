@@ -132,6 +132,8 @@ def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
         sizes = ParallelSizes.from_server_args(args)
         ctx = make_parallel_context(sizes, rank, device)
         (stack, eplb), oracles = _build_stack(plan, args, ctx, dtype)
+        if eplb is not None and eplb.recorder is not None:
+            eplb.recorder.start()  # the run reports what it recorded
         layers = stack.layers
         groups = ctx.groups
         max_err, max_scale, worst_ratio = 0.0, 0.0, 0.0
