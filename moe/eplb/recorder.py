@@ -128,7 +128,8 @@ class ExpertDistributionRecorder(StepObserver):
         return self._recording
 
     def start(self) -> None:
-        """Start recording (from the next step)."""
+        """Start recording (from the next step). Start, stop and reset on every rank at the
+        same step: ``dump`` sums the ranks' windows step by step."""
         self._recording = True
 
     def stop(self) -> None:
