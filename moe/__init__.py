@@ -29,6 +29,12 @@ _LAZY: Dict[str, Tuple[str, str]] = {
     "ParallelSizes": ("moe_a2a.parallel", "ParallelSizes"),
     "make_parallel_context": ("moe_a2a.parallel", "make_parallel_context"),
     "MoeA2AError": ("moe_a2a.errors", "MoeA2AError"),
+    "encode_routed_experts": ("moe_a2a.routed_experts_wire", "encode_routed_experts"),
+    "encode_routed_experts_base64": ("moe_a2a.routed_experts_wire", "encode_routed_experts_base64"),
+    "decode_routed_experts": ("moe_a2a.routed_experts_wire", "decode_routed_experts"),
+    "decode_routed_experts_pure": ("moe_a2a.routed_experts_wire", "decode_routed_experts_pure"),
+    "RoutedExpertsCapturer": ("moe_a2a.routed_experts", "RoutedExpertsCapturer"),
+    "capture_sizes": ("moe_a2a.routed_experts", "capture_sizes"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -24,6 +24,7 @@ from moe_a2a.errors import MoeA2AError
 from moe_a2a.layer import Communicators, EPMoE
 from moe_a2a.parallel import ParallelContext
 from moe_a2a.remap import TopKRemap
+from moe_a2a.routed_experts import CaptureSizes, RoutedExpertsCapturer
 from moe_a2a.routing import RouterConfig
 from moe_a2a.server_args import ServerArgs
 from moe_a2a.step import StepContext, StepObserver
@@ -37,15 +38,20 @@ class MoEStack(torch.nn.Module):
         layers: the ``EPMoE`` layers (a ``ModuleList``).
         communicators: the per-process communicators the layers share.
         observers: step observers (capture, EPLB recorder), in call order.
+        routed_experts: the routed-experts capturer (first observer), or None.
     """
 
     def __init__(self, layers: Sequence[EPMoE], *, ctx: ParallelContext,
-                 communicators: Communicators, observers: Sequence[StepObserver] = ()) -> None:
+                 communicators: Communicators, observers: Sequence[StepObserver] = (),
+                 routed_experts: Optional[RoutedExpertsCapturer] = None) -> None:
         super().__init__()
         self.layers = torch.nn.ModuleList(layers)
         self.ctx = ctx
         self.communicators = communicators
+        self.routed_experts = routed_experts
         self.observers: List[StepObserver] = list(observers)
+        if routed_experts is not None:  # first: sees every layer before the other observers
+            self.observers.insert(0, routed_experts)
         self._step: Optional[StepContext] = None
         self._steps = 0
         for layer in self.layers:
@@ -60,7 +66,8 @@ class MoEStack(torch.nn.Module):
               routers: Union[RouterConfig, Sequence[RouterConfig]], args: ServerArgs,
               ctx: ParallelContext, *, dtype: torch.dtype = torch.float32,
               observers: Sequence[StepObserver] = (),
-              remaps: Optional[Sequence[TopKRemap]] = None, runner: Any = None) -> "MoEStack":
+              remaps: Optional[Sequence[TopKRemap]] = None, runner: Any = None,
+              capture: Optional[CaptureSizes] = None) -> "MoEStack":
         """Build every layer (layer ``i`` from ``layer_weights[i]``) over one set of communicators.
 
         Args:
@@ -72,6 +79,8 @@ class MoEStack(torch.nn.Module):
             observers: step observers (called in this order).
             remaps: one logical→physical remap per layer (identity by default).
             runner: the experts runner shared by the layers.
+            capture: routed-experts buffer sizes (``moe_a2a.routed_experts.capture_sizes``);
+                required when ``args.enable_return_routed_experts``, which builds the capturer.
         """
         n = len(layer_weights)
         routers = [routers] * n if isinstance(routers, RouterConfig) else list(routers)
@@ -85,10 +94,12 @@ class MoEStack(torch.nn.Module):
                                   communicators=communicators, runner=runner,
                                   remap=None if remaps is None else remaps[i])
                       for i, (w, r) in enumerate(zip(layer_weights, routers))]
+            capturer = RoutedExpertsCapturer.for_layers(args, ctx, layers, capture)
         except BaseException:
             communicators.close()
             raise
-        return cls(layers, ctx=ctx, communicators=communicators, observers=observers)
+        return cls(layers, ctx=ctx, communicators=communicators, observers=observers,
+                   routed_experts=capturer)
 
     # ---- the step --------------------------------------------------------------------------
 
@@ -124,8 +135,12 @@ class MoEStack(torch.nn.Module):
                            token_slots=token_slots)
         self._steps += 1
         self._step = step
-        for observer in self.observers:
-            observer.on_step_begin(step)
+        try:
+            for observer in self.observers:
+                observer.on_step_begin(step)
+        except BaseException:
+            self._step = None  # a refused step is not begun
+            raise
         return step
 
     def end_step(self) -> None:
@@ -169,6 +184,8 @@ class MoEStack(torch.nn.Module):
 
     def close(self) -> None:
         """Release every communicator (buffers); the stack cannot run afterwards."""
+        if self.routed_experts is not None:
+            self.routed_experts.close()
         self.communicators.close()
 
     def __enter__(self) -> "MoEStack":
