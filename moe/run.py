@@ -75,9 +75,10 @@ class _Oracle:
         return reference_moe(x, self.weights, self.router)[0]
 
 
-def _build_stack(plan: RunPlan, args: "ServerArgs", ctx: "ParallelContext", dtype: torch.dtype):
+def _build_stack(plan: RunPlan, args: "ServerArgs", ctx: "ParallelContext", dtype: torch.dtype,
+                 capture=None):
     """Build the MoE stack (with its EPLB runtime, or None) and each layer's oracle (same
-    seeded weights on every rank)."""
+    seeded weights on every rank); ``capture``: routed-experts buffer sizes, or None."""
     from moe_a2a.eplb.run_job import skew_routing
     from moe_a2a.eplb.runtime import build_eplb_stack
     from moe_a2a.routing import RouterConfig
@@ -107,7 +108,8 @@ def _build_stack(plan: RunPlan, args: "ServerArgs", ctx: "ParallelContext", dtyp
             oracles.append(_Oracle(weights, router, None, ctx.device))
         all_weights.append(weights)
         routers.append(router)
-    return build_eplb_stack(all_weights, routers, args, ctx, dtype=dtype), oracles
+    return build_eplb_stack(all_weights, routers, args, ctx, dtype=dtype,
+                            capture=capture), oracles
 
 
 def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
@@ -131,11 +133,13 @@ def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
     try:
         sizes = ParallelSizes.from_server_args(args)
         ctx = make_parallel_context(sizes, rank, device)
-        (stack, eplb), oracles = _build_stack(plan, args, ctx, dtype)
+        groups = ctx.groups
+        capture = _capture_job(plan, args, groups)
+        (stack, eplb), oracles = _build_stack(plan, args, ctx, dtype,
+                                              capture=None if capture is None else capture.sizes)
         if eplb is not None and eplb.recorder is not None:
             eplb.recorder.start()  # the run reports what it recorded
         layers = stack.layers
-        groups = ctx.groups
         max_err, max_scale, worst_ratio = 0.0, 0.0, 0.0
         tokens, timed_tokens, ep_seconds = 0, 0, 0.0
         hidden_size = layers[0].gate.shape[1]
@@ -147,8 +151,11 @@ def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
                 dist.barrier()
             _sync(device)
             timed = step > 0 or plan.steps == 1  # step 0 warms up (NCCL, allocator, kernels)
-            stack.begin_step(num_tokens)
-            for layer, oracle in zip(layers, oracles):
+            stack.begin_step(num_tokens, token_slots=None if capture is None
+                             else capture.step_slots(step).to(device))
+            for column, (layer, oracle) in enumerate(zip(layers, oracles)):
+                if capture is not None:
+                    capture.expect(step, column, oracle, h)
                 start = time.perf_counter()
                 out = layer(h)
                 _sync(device)
@@ -184,8 +191,13 @@ def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
             from moe_a2a.eplb.run_job import run_summary
 
             extra["eplb"] = run_summary(eplb)
+        from moe_a2a.run_capture import finish
+
+        captured = finish(capture, stack.routed_experts, args=args, attn_tp_rank=groups.attn_tp_rank,
+                          world_size=world_size, device=device, output=plan.routed_experts_output,
+                          rank=rank)
         return {
-            "passed": worst_ratio <= 1.0,
+            "passed": worst_ratio <= 1.0 and not captured.get("routed_experts_failures"),
             "max_abs_err": max_err,
             "tolerance": tolerance(dtype, max_scale),
             "reference": "transformers" if plan.shape.hf_config else "single_process",
@@ -210,11 +222,23 @@ def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
             "layer_calls": stack.path_counts(),
             "communicators": len(stack.communicators),
             **extra,
+            **captured,
         }
     finally:
         if stack is not None:
             stack.close()
         destroy_distributed()
+
+
+def _capture_job(plan: RunPlan, args: "ServerArgs", groups):
+    """This DP rank's simulated requests when routed-experts capture is on (else None)."""
+    if not args.enable_return_routed_experts:
+        return None
+    from moe_a2a.run_capture import CaptureJob
+
+    step_tokens = [batch_sizes(plan, s, groups.dp_size)[groups.dp_rank] for s in range(plan.steps)]
+    return CaptureJob(step_tokens, args=args, seed=plan.seed, dp_rank=groups.dp_rank,
+                      max_step=plan.num_tokens, num_layers=plan.shape.num_layers)
 
 
 def _sync(device: torch.device) -> None:

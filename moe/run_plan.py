@@ -36,3 +36,4 @@ class RunPlan:
     device: str = "cpu"
     progress: bool = True
     routing_skew: float = 0.0      # bias the router towards a few experts (EPLB demos)
+    routed_experts_output: Optional[str] = None  # JSON file for the captured blobs

@@ -35,6 +35,7 @@ def test_alltoall_tp4_passes():
     assert s["steps"] == 4 and s["tokens"] > 0 and s["tokens_per_s"] > 0
     assert 0 <= s["max_abs_err"] <= s["tolerance"]
     assert any(d["field"] == "ep_size" for d in s["decisions"])
+    assert s["routed_experts_checked"] == 0 and s["routed_experts_gather"] is None  # capture off
 
 
 def test_none_with_dp_attention_and_moe_tp_passes():
@@ -124,7 +125,10 @@ def test_torchrun_two_processes():
     (["--hf-config", "/nonexistent/config.json"], "/nonexistent/config.json does not exist"),
     (["--moe-a2a-backend", "deepep", "--tp-size", "2"], "--moe-a2a-backend deepep cannot run on cpu"),
     (["--device", "cuda"], "--device cuda"),
-    (["--enable-return-routed-experts"], "routed-experts capture is not built by `moe-a2a run`"),
+    (["--routed-experts-output", "/tmp/x.json"],
+     "--routed-experts-output needs --enable-return-routed-experts"),
+    (["--enable-return-routed-experts", "--routed-experts-output", "/nonexistent/dir/x.json"],
+     "folder /nonexistent/dir does not exist"),
     (["--moe-a2a-backend", "alltoall", "--tp-size", "4", "--num-experts", "16", "--enable-eplb",
       "--ep-num-redundant-experts", "3"],
      "--num-experts 16 + --ep-num-redundant-experts 3 = 19 physical experts cannot be split "

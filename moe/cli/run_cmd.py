@@ -66,6 +66,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                           "skewed expert load for EPLB to rebalance (built-in shape only)")
     job.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     job.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    job.add_argument("--routed-experts-output", metavar="PATH", default=None,
+                     help="with --enable-return-routed-experts: write every simulated request's "
+                          "routed experts (wire-format blobs, base64) with an index to this JSON "
+                          "file")
     server = p.add_argument_group(
         "server arguments", "as for `moe-a2a config`; run's own defaults: "
         + ", ".join(f"{k}={v}" for k, v in RUN_DEFAULTS.items()))
@@ -178,7 +182,6 @@ def eplb_shape_error(num_experts: int, intermediate: int, shared_intermediate: O
 # Settings that resolve (so `moe-a2a config` explains them) but whose machinery `run` does not
 # build yet: refusing beats silently running without them.
 NOT_YET_RUN = (
-    ("enable_return_routed_experts", "routed-experts capture"),
 )
 
 
@@ -196,6 +199,20 @@ def _checked_skew(skew: float) -> float:
     if not math.isfinite(skew) or skew < 0:
         raise MoeA2AError(f"--routing-skew {skew} is invalid: it must be a finite number >= 0")
     return skew
+
+
+def _check_routed_experts_output(path: "str | None", args: "ServerArgs") -> None:
+    import os
+
+    if path is None:
+        return
+    if not args.enable_return_routed_experts:
+        raise MoeA2AError("--routed-experts-output needs --enable-return-routed-experts (nothing "
+                          "is captured without it); fix: add the flag or drop the output")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise MoeA2AError(f"--routed-experts-output {path}: folder {folder} does not exist; "
+                          f"fix: create it or choose another path")
 
 
 def _check_capacity(args: "ServerArgs", num_tokens: int) -> None:
@@ -243,7 +260,22 @@ def _describe(summary: Dict[str, Any]) -> str:
         f"{summary['tokens']} tokens, {summary['dtype']}\n"
         f"  max abs err {summary['max_abs_err']:.3g} (tolerance {summary['tolerance']:.3g}, "
         f"reference: {summary['reference']}); {summary['tokens_per_s']:.1f} tokens/s through the "
-        f"layer stack{tail}")
+        f"layer stack{tail}" + _describe_capture(summary))
+
+
+def _describe_capture(summary: Dict[str, Any]) -> str:
+    if summary.get("routed_experts_gather") is None:
+        return ""
+    text = (f"\n  routed experts ({summary['routed_experts_gather']} gather): "
+            f"{summary['routed_experts_checked']} rows of {summary['routed_experts_requests']} "
+            f"requests checked against the reference router, {summary['routed_experts_ties']} "
+            f"ties, {summary['routed_experts_rejected']} invalid start_len rejected, "
+            f"{summary['routed_experts_failures']} failures")
+    if summary.get("routed_experts_first_problem"):
+        text += f"\n  first problem: {summary['routed_experts_first_problem']}"
+    if summary.get("routed_experts_output"):
+        text += f"\n  written to {summary['routed_experts_output']}"
+    return text
 
 
 def main(ns: argparse.Namespace) -> int:
@@ -275,11 +307,13 @@ def main(ns: argparse.Namespace) -> int:
     else:
         shape = checked_shape(shape, args)
     _check_supported(args)
+    _check_routed_experts_output(ns.routed_experts_output, args)
     _check_capacity(args, ns.num_tokens)
     _check_device(ns.device, args)
     plan = RunPlan(args_json=args.to_json(), shape=shape, num_tokens=ns.num_tokens,
                    steps=ns.steps, seed=ns.seed, dtype=ns.dtype, device=ns.device,
-                   progress=not ns.quiet, routing_skew=_checked_skew(ns.routing_skew))
+                   progress=not ns.quiet, routing_skew=_checked_skew(ns.routing_skew),
+                   routed_experts_output=ns.routed_experts_output)
     launch = read_launch_env()
     if launch is None:
         if not ns.quiet:

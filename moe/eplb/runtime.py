@@ -236,8 +236,10 @@ def build_eplb_stack(layer_weights: Sequence[MoEWeights],
                      routers: Union[RouterConfig, Sequence[RouterConfig]], args: Any,
                      ctx: ParallelContext, *, dtype: torch.dtype = torch.float32,
                      observers: Sequence[StepObserver] = (), runner: Any = None,
-                     config: Optional[EPLBConfig] = None) -> Tuple[Any, Optional[EPLBRuntime]]:
-    """``MoEStack.build`` with EPLB / fused shared experts as ``args`` (or ``config``) ask.
+                     config: Optional[EPLBConfig] = None,
+                     capture: Any = None) -> Tuple[Any, Optional[EPLBRuntime]]:
+    """``MoEStack.build`` with EPLB / fused shared experts as ``args`` (or ``config``) ask
+    (``capture``: routed-experts buffer sizes, passed on to ``MoEStack.build``).
 
     Returns ``(stack, runtime)``; ``runtime`` is None when nothing was asked for.
     """
@@ -247,10 +249,10 @@ def build_eplb_stack(layer_weights: Sequence[MoEWeights],
     runtime = build_eplb(args, routers, layer_weights, ctx, config)
     if runtime is None:
         return MoEStack.build(layer_weights, routers, args, ctx, dtype=dtype, observers=observers,
-                              runner=runner), None
+                              runner=runner, capture=capture), None
     stack = MoEStack.build(runtime.physical_weights(layer_weights), routers, args, ctx, dtype=dtype,
                            observers=[*observers, *runtime.observers], remaps=runtime.remaps,
-                           runner=runner)
+                           runner=runner, capture=capture)
     runtime.attach(stack)
     return stack, runtime
 
