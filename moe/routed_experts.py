@@ -246,7 +246,8 @@ class RoutedExpertsCapturer(StepObserver):
                                      dtype=torch.int32, pin_memory=pinned)
         self._staging = [_Staging(m, layers, k, pinned) for _ in range(2)]
         self._next = 0
-        self.gather: GatherStrategy = make_gather(gather, self.device_cache, groups)
+        self.gather: GatherStrategy = make_gather(gather, self.device_cache, groups,
+                                                    self.layer_ids)
         self._seen: List[int] = [0] * layers
         self._step_tokens = 0
 

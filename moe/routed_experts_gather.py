@@ -41,6 +41,7 @@ class GatherStrategy:
         device_cache: ``[M, L, K]`` int32, the capturer's per-step cache (M = the most tokens of
             one DP rank in a step); rows ``[0, T)`` are written.
         groups: this process's groups (``attn_tp_group`` is gathered over).
+        layer_ids: the model layer id of each cache column (for messages).
 
     Attributes:
         collectives: all-gathers issued so far (for benchmarks and tests).
@@ -48,9 +49,12 @@ class GatherStrategy:
 
     name: ClassVar[str] = ""
 
-    def __init__(self, device_cache: torch.Tensor, groups: CommGroups) -> None:
+    def __init__(self, device_cache: torch.Tensor, groups: CommGroups,
+                 layer_ids: Optional[Sequence[int]] = None) -> None:
         self.cache = device_cache
         self.groups = groups
+        self.layer_ids = tuple(layer_ids) if layer_ids is not None else tuple(
+            range(int(device_cache.shape[1])))
         self.collectives = 0
         # the largest slice one attention-TP rank routes in a step of M tokens
         self.max_split = -(-int(device_cache.shape[0]) // max(1, groups.attn_tp_size))
@@ -58,16 +62,16 @@ class GatherStrategy:
     def begin_step(self, num_tokens: int) -> None:
         """A step of ``num_tokens`` rows starts."""
 
-    def observe(self, layer_id: int, ids: torch.Tensor, rows: RowSpan) -> None:
-        """``ids [rows.num_rows, K]`` routed by this rank for ``rows`` of layer ``layer_id``."""
+    def observe(self, column: int, ids: torch.Tensor, rows: RowSpan) -> None:
+        """``ids [rows.num_rows, K]`` routed by this rank for ``rows`` of the layer in cache
+        column ``column``."""
         raise NotImplementedError
 
     def end_step(self) -> None:
         """Every layer has been observed: finish the rows of the step."""
 
-    def _write_replicated(self, layer_id: int, ids: torch.Tensor, rows: RowSpan) -> None:
-        self.cache[rows.start:rows.stop, layer_id] = ids
-
+    def _write_replicated(self, column: int, ids: torch.Tensor, rows: RowSpan) -> None:
+        self.cache[rows.start:rows.stop, column] = ids
 
 
 class NoGather(GatherStrategy):
@@ -75,14 +79,14 @@ class NoGather(GatherStrategy):
 
     name = "none"
 
-    def observe(self, layer_id: int, ids: torch.Tensor, rows: RowSpan) -> None:
+    def observe(self, column: int, ids: torch.Tensor, rows: RowSpan) -> None:
         if rows.scattered:
             raise MoeA2AError(
-                f"routed-experts gather 'none': layer {layer_id} routed only rows "
+                f"routed-experts gather 'none': layer {self.layer_ids[column]} routed only rows "
                 f"[{rows.start}, {rows.stop}) of {rows.num_tokens} on this attention-TP rank "
                 f"(scattered over {len(rows.split_sizes)} ranks), so the other ranks' rows would "
                 f"be missing; fix: --routed-experts-gather early or late (auto picks one)")
-        self._write_replicated(layer_id, ids, rows)
+        self._write_replicated(column, ids, rows)
 
 
 class EarlyGather(GatherStrategy):
@@ -90,16 +94,17 @@ class EarlyGather(GatherStrategy):
 
     name = "early"
 
-    def __init__(self, device_cache: torch.Tensor, groups: CommGroups) -> None:
-        super().__init__(device_cache, groups)
+    def __init__(self, device_cache: torch.Tensor, groups: CommGroups,
+                 layer_ids: Optional[Sequence[int]] = None) -> None:
+        super().__init__(device_cache, groups, layer_ids)
         k = int(device_cache.shape[2])
         world = max(1, groups.attn_tp_size)
         self._send = device_cache.new_zeros((self.max_split, k))
         self._recv = device_cache.new_zeros((world * self.max_split, k))
 
-    def observe(self, layer_id: int, ids: torch.Tensor, rows: RowSpan) -> None:
+    def observe(self, column: int, ids: torch.Tensor, rows: RowSpan) -> None:
         if not rows.scattered:
-            self._write_replicated(layer_id, ids, rows)
+            self._write_replicated(column, ids, rows)
             return
         biggest = max(rows.split_sizes)
         if biggest == 0:  # every rank of the group knows it: all skip alike
@@ -110,7 +115,7 @@ class EarlyGather(GatherStrategy):
         gather_into(recv, send, self.groups.attn_tp_group)
         self.collectives += 1
         for start, stop, block in _blocks(recv, biggest, rows.split_sizes):
-            self.cache[start:stop, layer_id] = block
+            self.cache[start:stop, column] = block
 
 
 class LateGather(GatherStrategy):
@@ -118,8 +123,9 @@ class LateGather(GatherStrategy):
 
     name = "late"
 
-    def __init__(self, device_cache: torch.Tensor, groups: CommGroups) -> None:
-        super().__init__(device_cache, groups)
+    def __init__(self, device_cache: torch.Tensor, groups: CommGroups,
+                 layer_ids: Optional[Sequence[int]] = None) -> None:
+        super().__init__(device_cache, groups, layer_ids)
         _, layers, k = (int(s) for s in device_cache.shape)
         world = max(1, groups.attn_tp_size)
         self._local = device_cache.new_zeros((self.max_split, layers, k))
@@ -131,18 +137,18 @@ class LateGather(GatherStrategy):
         self._scattered = []
         self._split = None
 
-    def observe(self, layer_id: int, ids: torch.Tensor, rows: RowSpan) -> None:
+    def observe(self, column: int, ids: torch.Tensor, rows: RowSpan) -> None:
         if not rows.scattered:
-            self._write_replicated(layer_id, ids, rows)
+            self._write_replicated(column, ids, rows)
             return
         if self._split is not None and self._split != rows.split_sizes:
             raise MoeA2AError(
-                f"routed-experts gather 'late': layer {layer_id} split the step's rows as "
+                f"routed-experts gather 'late': layer {self.layer_ids[column]} split the rows as "
                 f"{list(rows.split_sizes)} but an earlier layer as {list(self._split)}; every "
                 f"layer of a step must route the same batch")
         self._split = rows.split_sizes
-        self._local[:rows.num_rows, layer_id] = ids
-        self._scattered.append(layer_id)
+        self._local[:rows.num_rows, column] = ids
+        self._scattered.append(column)
 
     def end_step(self) -> None:
         if not self._scattered or self._split is None:
@@ -153,11 +159,11 @@ class LateGather(GatherStrategy):
         recv = self._recv[:len(self._split) * biggest]
         gather_into(recv, self._local[:biggest], self.groups.attn_tp_group)
         self.collectives += 1
-        layers = sorted(set(self._scattered))
-        every = len(layers) == self.cache.shape[1]
-        index = torch.tensor(layers, device=self.cache.device)
+        columns = sorted(set(self._scattered))
+        index = (None if len(columns) == self.cache.shape[1]
+                 else torch.tensor(columns, device=self.cache.device))
         for start, stop, block in _blocks(recv, biggest, self._split):
-            if every:
+            if index is None:  # every layer scattered (the usual case): one copy per rank
                 self.cache[start:stop] = block
             else:
                 self.cache[start:stop, index] = block[:, index]
@@ -175,14 +181,15 @@ def _blocks(gathered: torch.Tensor, biggest: int, split: Sequence[int]):
 _BY_NAME: Dict[str, Type[GatherStrategy]] = {c.name: c for c in (NoGather, EarlyGather, LateGather)}
 
 
-def make_gather(name: str, device_cache: torch.Tensor, groups: CommGroups) -> GatherStrategy:
+def make_gather(name: str, device_cache: torch.Tensor, groups: CommGroups,
+                layer_ids: Optional[Sequence[int]] = None) -> GatherStrategy:
     """The strategy ``--routed-experts-gather`` names (already resolved: never ``auto``)."""
     cls = _BY_NAME.get(name)
     if cls is None:
         raise MoeA2AError(f"routed-experts gather {name!r} is not one of "
                           f"{', '.join(GATHER_STRATEGIES)}; fix: resolve the server arguments "
                           f"(server_args.resolve turns auto into one of them)")
-    return cls(device_cache, groups)
+    return cls(device_cache, groups, layer_ids)
 
 
 __all__ = ["EarlyGather", "GATHER_STRATEGIES", "GatherStrategy", "LateGather", "NoGather",
