@@ -95,12 +95,14 @@ def capture_sizes(args: "ServerArgs", *, num_token_slots: int,
     if isinstance(num_token_slots, bool) or not isinstance(num_token_slots, int) or num_token_slots < 1:
         raise MoeA2AError(f"num_token_slots={num_token_slots!r} must be an integer >= 1 (the KV-"
                           f"cache slots the host cache is indexed by)")
+    from moe_a2a.server_args.validate import prefill_tokens_per_dp_rank
+
     dp = args.attn_dp_size
     over = f" over {dp} DP ranks" if dp > 1 else ""
     limits: List[Tuple[str, int]] = []
-    chunk = args.chunked_prefill_size
-    if chunk is not None and chunk > 0:
-        limits.append((f"--chunked-prefill-size {chunk}{over}", -(-chunk // dp)))
+    chunk = prefill_tokens_per_dp_rank(args.values(), dp)  # SGLang's split of the global chunk
+    if chunk is not None:
+        limits.append((f"--chunked-prefill-size {args.chunked_prefill_size}{over}", chunk))
     if args.max_running_requests is not None:
         limits.append((f"--max-running-requests {args.max_running_requests}{over}",
                        -(-args.max_running_requests // dp)))

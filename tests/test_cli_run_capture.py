@@ -41,3 +41,12 @@ def test_capture_passes_against_the_reference_router(backend, gather, tmp_path):
         rows += request["rows"]
     assert rows == s["routed_experts_checked"]
     assert {r["dp_rank"] for r in doc["requests"]} == {0, 1}
+
+
+def test_capture_is_logical_under_eplb_and_fused_shared_experts():
+    """Replicas and fused shared columns change what dispatchers see, never what is captured."""
+    s = _summary(_run("--moe-a2a-backend", "alltoall", "--tp-size", "4", "--enable-eplb",
+                      "--ep-num-redundant-experts", "4", "--enforce-shared-experts-fusion",
+                      "--routing-skew", "2", "--enable-return-routed-experts", "--json"))
+    assert s["passed"] is True and s["routed_experts_checked"] > 0
+    assert s["routed_experts_failures"] == 0 and s["eplb"]
