@@ -289,12 +289,16 @@ class RoutedExpertsCapturer(StepObserver):
 
     def on_step_begin(self, step: StepContext) -> None:
         n = step.num_tokens
-        if n > self.sizes.max_tokens_per_step:
+        # every DP rank's size is agreed: all ranks refuse the same step together, so none is
+        # left waiting in a collective
+        sizes = step.batch.dp_num_tokens or (n,)
+        if max(sizes) > self.sizes.max_tokens_per_step:
+            big = max(range(len(sizes)), key=lambda d: sizes[d])
             limits = "; ".join(f"{what} -> {tokens}" for what, tokens in self.sizes.limits)
             raise MoeA2AError(
-                f"routed-experts capture: step {step.index} has {n} tokens on this DP rank but "
-                f"the device cache holds {self.sizes.max_tokens_per_step} ({limits}); fix: raise "
-                f"the limit that bounds this batch")
+                f"routed-experts capture: step {step.index} has {sizes[big]} tokens on DP rank "
+                f"{big} but the device cache holds {self.sizes.max_tokens_per_step} per DP rank "
+                f"({limits}); fix: raise the limit that bounds this batch")
         if n and step.token_slots is None:
             raise MoeA2AError(
                 f"routed-experts capture: step {step.index} has {n} tokens but no token_slots; "

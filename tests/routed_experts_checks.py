@@ -115,3 +115,24 @@ def _run_case(rank: int, case: Dict[str, Any]) -> Dict[str, Any]:
             "attn_tp_size": g.attn_tp_size, "dp_rank": g.dp_rank, "counts": counts,
             "rows": got.tolist(), "collectives": collectives, "paths": paths,
             "unwritten": cap.host_cache[(64 * 16 * g.dp_size) - 1].tolist()}
+
+
+def check_refused_together(rank: int, world: int) -> str:
+    """A step too big for the device cache on one DP rank only: every rank refuses it (the
+    sizes are agreed), so no rank is left waiting in a layer's collective."""
+    from moe_a2a.errors import MoeA2AError
+
+    args = resolve(env={}, enable_return_routed_experts=True, moe_a2a_backend="alltoall",
+                   tp_size=4, dp_size=2, enable_dp_attention=True)
+    ctx = make_parallel_context(ParallelSizes.from_server_args(args), rank, torch.device("cpu"))
+    weights, routers, _ = _layers({"layers": 1})
+    stack = MoEStack.build(weights, routers, args, ctx,
+                           capture=capture_sizes(args, num_token_slots=64, max_step_tokens=4))
+    n = 6 if ctx.groups.dp_rank == 1 else 2
+    try:
+        stack.begin_step(n, token_slots=torch.arange(n))
+    except MoeA2AError as exc:
+        return str(exc)
+    finally:
+        stack.close()
+    return "not refused"

@@ -227,7 +227,7 @@ def test_step_errors():
     stack, weights = _stack(layers=2, max_tokens=4)
     with pytest.raises(MoeA2AError, match="no token_slots"):
         stack.begin_step(3)
-    with pytest.raises(MoeA2AError, match=r"5 tokens on this DP rank but the device cache holds 4"):
+    with pytest.raises(MoeA2AError, match=r"5 tokens on DP rank 0 but the device cache holds 4 per DP rank \(max_step_tokens 4 -> 4\)"):
         stack.begin_step(5, token_slots=torch.arange(5))
     with pytest.raises(MoeA2AError, match="token slot 70, outside the host cache's 64 slots"):
         stack.begin_step(2, token_slots=torch.tensor([1, 70]))

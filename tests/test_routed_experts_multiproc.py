@@ -109,6 +109,11 @@ def test_fused_backend_mixes_scattered_and_replicated_steps(results):
     assert r["collectives"] == [1, 0, 0, 0]
 
 
+def test_an_oversized_step_is_refused_on_every_rank(pool4):
+    messages = pool4.run(routed_experts_checks.check_refused_together)
+    assert all("6 tokens on DP rank 1 but the device cache holds 4" in m for m in messages), messages
+
+
 def test_deepep_through_the_emulation(pool4):
     """DeepEP normal and low-latency through ``moe_a2a.testing.emulate_kernels`` (issue 9)."""
     import moe_a2a.testing
