@@ -25,6 +25,8 @@ class BackendAvailability:
             is that entry point's error, naming the distribution and the entry point).
         ok: it can run on the device asked for.
         reason: empty when ``ok``; otherwise every unmet requirement, ``"; "``-separated.
+        emulated: every package it requires is a moe-a2a emulation currently installed in
+            ``sys.modules`` (``moe_a2a.testing.emulate_kernels``): it runs, but no kernel does.
 
     Unpacks as ``spec, ok, reason = row``.
     """
@@ -33,6 +35,7 @@ class BackendAvailability:
     spec: Optional[BackendSpec]
     ok: bool
     reason: str
+    emulated: bool = False
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.spec, self.ok, self.reason))
@@ -73,7 +76,7 @@ def available_backends(device: Optional[str] = None) -> List[BackendAvailability
     rows = []
     for spec in REGISTRY.specs():
         ok, reason = check_availability(spec, device)
-        rows.append(BackendAvailability(spec.name, spec, ok, reason))
+        rows.append(BackendAvailability(spec.name, spec, ok, reason, is_emulated(spec)))
     registered = {row.name for row in rows}
     for err in REGISTRY.entry_point_errors():
         if err.entry_point not in registered:
@@ -103,20 +106,34 @@ def _device_text(device: Any) -> str:
     return str(getattr(device, "type", device))
 
 
+def is_emulated(spec: Optional[BackendSpec]) -> bool:
+    """Every package ``spec`` requires is a moe-a2a emulation now in ``sys.modules``."""
+    if spec is None or not spec.requires:
+        return False
+    from moe_a2a.dispatchers.kernels import is_emulated as module_emulated
+
+    return all(module_emulated(r.module) for r in spec.requires)
+
+
 def _check(spec: BackendSpec, device: Any) -> Tuple[bool, str]:
+    reasons: List[str] = []
+    # under moe_a2a.testing.emulate_kernels the required packages are stand-ins that compute
+    # on any device: the device, CUDA and compute-capability requirements are waived
+    emulated = is_emulated(spec)
     if device is not None:
         device = _device_text(device).split(":")[0].strip().lower()
         if device not in DEVICES:
             return False, (f"unknown device {device!r}: expected one of {', '.join(DEVICES)} "
                            f"(or None for this machine)")
-        if device not in spec.devices:
-            return False, (f"backend {spec.name!r} runs on {', '.join(spec.devices)} only; "
+        if device not in spec.devices and not emulated:
+            reasons.append(f"backend {spec.name!r} runs on {', '.join(spec.devices)} only; "
                            f"device {device!r} is not supported")
-    reasons: List[str] = []
     cuda_ok, cuda_reason = _cuda_visible() if "cuda" in spec.devices else (False, "")
     if device is None:
         device = "cuda" if ("cuda" in spec.devices and cuda_ok) or "cpu" not in spec.devices else "cpu"
-    if device == "cuda":
+        if emulated and not cuda_ok:
+            device = "cpu"
+    if device == "cuda" and not reasons and not emulated:
         if not cuda_ok:
             reasons.append(cuda_reason)
         elif spec.min_compute_capability is not None:

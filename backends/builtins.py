@@ -50,9 +50,10 @@ DEEPEP = BackendSpec(
     requires=(Requirement(module="deep_ep", distribution="deep_ep"),),
     min_compute_capability=(9, 0),
     install_hint=(
-        "build DeepEP from source with NVSHMEM (https://github.com/deepseek-ai/DeepEP, "
-        "NVSHMEM_DIR=... python setup.py install), then pip install 'moe-a2a[deepep]'; "
-        "needs an SM90+ GPU"
+        "build DeepEP v1.2.1 from source with NVSHMEM on an SM90+ GPU "
+        "(https://github.com/deepseek-ai/DeepEP; on CUDA 13 add CUDA's include/cccl to the "
+        "include path and set TORCH_CUDA_ARCH_LIST=9.0; see docs/deepep.md); without a GPU, "
+        "moe-a2a run --emulate-kernels runs the CPU emulation"
     ),
     builtin=True,
     description="DeepEP buffers: normal (prefill), low_latency (decode), auto (per batch)",
@@ -84,11 +85,13 @@ MEGAMOE = BackendSpec(
     cuda_graph_modes=("default",),  # captured batches fit the cap and take the fused kernel
     devices=("cuda",),
     requires=(Requirement(module="deep_gemm", distribution="deep_gemm"),),
-    min_compute_capability=(10, 0),
+    # SM100: upstream DeepGEMM; SM90: SGLang's DeepGEMM fork (the dispatcher checks which API
+    # the installed deep_gemm has for this device)
+    min_compute_capability=(9, 0),
     install_hint=(
-        "pip install 'moe-a2a[deepgemm]' or build DeepGEMM from source "
-        "(https://github.com/deepseek-ai/DeepGEMM; kernels are JIT-compiled, needs the CUDA "
-        "toolkit); the Mega-MoE kernel needs an SM100 GPU"
+        "pip install deep_gemm: upstream DeepGEMM (https://github.com/deepseek-ai/DeepGEMM) for "
+        "SM100, SGLang's fork (sgl-deep-gemm) for SM90; see docs/megamoe.md; without a GPU, "
+        "moe-a2a run --emulate-kernels runs the CPU emulation"
     ),
     builtin=True,
     description="DeepGEMM Mega-MoE: fused dispatch + expert GEMMs + combine; large batches fall back to standard",

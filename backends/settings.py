@@ -45,11 +45,15 @@ class DeepEPSettings(BackendSettings):
         config: ``--deepep-config`` parsed: DeepEP ``Config`` overrides for the normal-mode
             kernels (e.g. ``{"normal_dispatch": {...}, "normal_combine": {...}}``), or None.
         num_max_dispatch_tokens_per_rank: low-latency capacity, tokens one rank dispatches.
+        fp8_dispatch: move activations as FP8 (e4m3, per-token 128-channel float32 scales) in
+            both modes; the experts runner dequantises (no server flag: set it when building
+            a ``DispatcherSetup`` yourself).
     """
 
     mode: Literal["normal", "low_latency", "auto"] = "auto"
     config: Optional[Dict[str, Any]] = None
     num_max_dispatch_tokens_per_rank: int = Field(default=128, ge=1, le=1024)
+    fp8_dispatch: bool = False
 
 
 class MegaMoESettings(BackendSettings):

@@ -26,6 +26,7 @@ from moe_a2a.dispatchers.batch import BatchInfo, PhysicalTopK, TopK
 from moe_a2a.dispatchers.communicator import CommSetup, Communicator
 from moe_a2a.dispatchers.errors import DispatcherError
 from moe_a2a.dispatchers.groups import CommGroups
+from moe_a2a.dispatchers.requirements import KernelRequirements
 from moe_a2a.dispatchers.outputs import (
     CombineInput,
     DeepEPLowLatencyOutput,
@@ -170,6 +171,11 @@ class ResourceOwner:
     def check_runnable(cls, device: str) -> Tuple[bool, str]:
         """``(ok, reason)``: can this class run on ``device`` here (beyond the spec's data)?"""
         return True, ""
+
+    @classmethod
+    def kernel_requirements(cls, settings: Any) -> Optional["KernelRequirements"]:
+        """The shapes and dtypes this class's kernels accept with ``settings`` (None = any)."""
+        return None
 
     def close(self) -> None:
         """Close the communicator if this object owns it (a shared one is the stack's)."""

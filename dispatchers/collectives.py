@@ -124,7 +124,7 @@ def _narrow_float(dtype: torch.dtype) -> bool:
 
 
 def _move_view(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
-    """View used on the wire by data-movement collectives (bf16 → float16 on gloo).
+    """View used on the wire by data-movement collectives (bf16 → float16, fp8 → uint8 on gloo).
 
     Gloo only copies the bytes of a gather or all-to-all, so moving bfloat16 as float16 (same
     size; gloo has float16 in every release) is bit-exact. (int16 would not do: gloo has no
@@ -132,6 +132,8 @@ def _move_view(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
     """
     if x.dtype == torch.bfloat16 and _is_gloo(group):
         return x.view(torch.float16)
+    if x.dtype.is_floating_point and x.element_size() == 1 and _is_gloo(group):
+        return x.view(torch.uint8)  # FP8 payloads: gloo has no float8 ("Invalid scalar type")
     return x
 
 

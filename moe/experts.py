@@ -7,7 +7,9 @@ what that class's ``combine`` expects (see ``moe_a2a.dispatchers.outputs``).
 
 ``ReferenceExperts`` is the plain-torch runner: a loop over local experts, SwiGLU in the
 weights' dtype, weighted sums accumulated in float32. It is the CPU path and the check for
-faster runners.
+faster runners. FP8 payloads (an output with ``scales``: DeepEP's e4m3 rows with per-token
+128-channel float32 scales) are dequantised first and the runner returns bfloat16, what
+DeepEP's combines take.
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ class ReferenceExperts:
         return _weighted_sum(x, pairs, k, out.topk_weights, counts, w)
 
     def _deepep_normal(self, out: DeepEPNormalOutput, w: LocalExpertWeights) -> torch.Tensor:
-        """Received rows ``[R, H]``; counts come with the output (no re-count)."""
-        x = out.hidden_states
+        """Received rows ``[R, H]``; counts come with the output (no re-count). FP8 rows
+        (``scales`` set) are dequantised first and the result is bfloat16."""
+        x = _dequantized(out.hidden_states, out.scales)
         _check_rows(x, out.topk_ids, w)
         counts = list(out.num_recv_tokens_per_expert)
         if len(counts) != w.num_local_experts:
@@ -89,17 +92,20 @@ class ReferenceExperts:
 
     def _deepep_low_latency(self, out: DeepEPLowLatencyOutput, w: LocalExpertWeights) -> torch.Tensor:
         """Masked ``[E_local, cap * ep, H]``: each expert on its first ``masked_m[e]`` rows,
-        unweighted (combine applies the weights); padding rows stay zero."""
+        unweighted (combine applies the weights); padding rows stay zero. FP8 rows are
+        dequantised per expert and the result is bfloat16."""
         x = out.hidden_states
         if x.dim() != 3 or x.shape[0] != w.num_local_experts or x.shape[2] != w.hidden_size:
             raise MoeA2AError(
                 f"low-latency hidden_states has shape {tuple(x.shape)}; expected "
                 f"[{w.num_local_experts}, cap * ep, {w.hidden_size}]")
-        result = torch.zeros_like(x)
+        out_dtype = torch.bfloat16 if out.scales is not None else x.dtype
+        result = torch.zeros(x.shape, dtype=out_dtype, device=x.device)
         for e, m in enumerate(out.masked_m.tolist()):
             if m:
-                rows = x[e, :m].to(w.dtype)
-                result[e, :m] = swiglu(rows, w.w_gate[e], w.w_up[e], w.w_down[e]).to(x.dtype)
+                rows = x[e, :m] if out.scales is None else _dequantized(x[e, :m], out.scales[e, :m])
+                rows = rows.to(w.dtype)
+                result[e, :m] = swiglu(rows, w.w_gate[e], w.w_up[e], w.w_down[e]).to(out_dtype)
         return result
 
     _CONSUMERS: Dict[Type[DispatchOutput], Consumer] = {
@@ -107,6 +113,15 @@ class ReferenceExperts:
         DeepEPNormalOutput: _deepep_normal,
         DeepEPLowLatencyOutput: _deepep_low_latency,
     }
+
+
+def _dequantized(x: torch.Tensor, scales) -> torch.Tensor:
+    """FP8 rows with per-128-channel scales -> bfloat16 (unquantised rows unchanged)."""
+    if scales is None:
+        return x
+    from moe_a2a.dispatchers.fp8 import dequantize_per_token
+
+    return dequantize_per_token(x, scales).to(torch.bfloat16)
 
 
 def _check_rows(x: torch.Tensor, topk_ids: torch.Tensor, w: LocalExpertWeights) -> None:

@@ -4,7 +4,7 @@ reads the defaults from here without paying for torch)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -37,3 +37,7 @@ class RunPlan:
     progress: bool = True
     routing_skew: float = 0.0      # bias the router towards a few experts (EPLB demos)
     routed_experts_output: Optional[str] = None  # JSON file for the captured blobs
+    # moe_a2a.testing emulations every rank installs (``--emulate-kernels``), and the compute
+    # capability they report off GPU
+    emulate_kernels: Tuple[str, ...] = ()
+    emulated_capability: Tuple[int, int] = (10, 0)

@@ -60,9 +60,59 @@ def test_ok_backend(no_cuda):
 
 
 def test_device_not_supported(no_cuda):
+    """Every unmet requirement is named, the device first (then the import error and hint)."""
     ok, reason = check_availability(get_backend("deepep"), "cpu")
     assert not ok
-    assert reason == "backend 'deepep' runs on cuda only; device 'cpu' is not supported"
+    assert reason.startswith("backend 'deepep' runs on cuda only; device 'cpu' is not supported")
+    spec = _cuda_spec()
+    assert check_availability(spec, "cpu") == (
+        False, "backend 'gpu_only' runs on cuda only; device 'cpu' is not supported")
+
+
+def test_emulation_waives_device_and_capability(no_cuda):
+    """Under moe_a2a.testing.emulate_kernels the kernel backends run on CPU, marked emulated."""
+    from moe_a2a.testing import emulate_kernels
+
+    for name in ("deepep", "megamoe"):
+        assert not check_availability(name, "cpu")[0]
+    with emulate_kernels():
+        rows = {r.name: r for r in available_backends("cpu")}
+        for name in ("deepep", "megamoe"):
+            assert check_availability(name, "cpu") == (True, ""), name
+            assert check_availability(name) == (True, "")   # this machine: CPU, emulated
+            assert rows[name].ok and rows[name].emulated
+        assert not rows["none"].emulated  # nothing to emulate
+    with emulate_kernels(["deep_ep"]):  # only what the backend requires counts
+        assert check_availability("deepep", "cpu")[0]
+        assert not check_availability("megamoe", "cpu")[0]
+    assert not check_availability("deepep", "cpu")[0]  # restored afterwards
+
+
+def test_megamoe_reports_the_missing_api_variant(fake_gpu):
+    """SM90 needs SGLang's fork (fp8_mega_moe ...): a deep_gemm without it is named."""
+    import sys
+    import types
+
+    fake = types.ModuleType("deep_gemm")
+    fake.get_symm_buffer_for_mega_moe = fake.transform_weights_for_mega_moe = object()
+    fake.bf16_mega_moe = object()
+    fake.__version__ = "2.1.1"
+    saved = sys.modules.get("deep_gemm")
+    sys.modules["deep_gemm"] = fake
+    try:
+        ok, reason = check_availability("megamoe", "cuda")
+        assert not ok and "deep_gemm 2.1.1 lacks get_symm_buffer_for_sm90_mega_moe" in reason
+        assert "SGLang's DeepGEMM fork" in reason
+        fake_gpu(10, 0)
+        assert check_availability("megamoe", "cuda") == (True, "")
+        fake_gpu(8, 0)
+        ok, reason = check_availability("megamoe", "cuda")
+        assert not ok and "compute capability 8.0 found" in reason
+    finally:
+        if saved is None:
+            del sys.modules["deep_gemm"]
+        else:
+            sys.modules["deep_gemm"] = saved
 
 
 def test_unknown_device_is_reported_not_raised():
@@ -242,5 +292,5 @@ def test_ensure_available():
     with pytest.raises(BackendUnavailableError) as info:
         ensure_available("deepep", "cpu")
     assert isinstance(info.value, ValueError)
-    assert str(info.value) == ("--moe-a2a-backend deepep cannot run on cpu: backend 'deepep' runs "
-                               "on cuda only; device 'cpu' is not supported")
+    assert str(info.value).startswith("--moe-a2a-backend deepep cannot run on cpu: backend "
+                                      "'deepep' runs on cuda only; device 'cpu' is not supported")

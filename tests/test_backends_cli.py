@@ -34,7 +34,7 @@ def _run(argv, capsys):
     return code, out.out, out.err
 
 
-FIELDS = {"name", "builtin", "available", "reason", "source", "dispatcher", "token_layout",
+FIELDS = {"name", "builtin", "available", "emulated", "reason", "source", "dispatcher", "token_layout",
           "ep_policy", "fused_experts", "modes", "cuda_graph_modes", "devices", "requires",
           "min_compute_capability", "install_hint", "description"}
 
@@ -50,14 +50,16 @@ def test_json_lists_every_backend_with_all_fields(capsys):
         assert set(row) == FIELDS
     by = {r["name"]: r for r in rows}
     assert by["deepep"] == {
-        "name": "deepep", "builtin": True, "available": False,
-        "reason": "backend 'deepep' runs on cuda only; device 'cpu' is not supported",
+        "name": "deepep", "builtin": True, "available": False, "emulated": False,
+        "reason": by["deepep"]["reason"],
         "source": "builtin", "dispatcher": "moe_a2a.dispatchers.deepep:DeepEPDispatcher",
         "token_layout": "scattered", "ep_policy": "tp", "fused_experts": False,
         "modes": ["normal", "low_latency", "auto"], "cuda_graph_modes": ["low_latency", "auto"],
         "devices": ["cuda"], "requires": ["deep_ep"], "min_compute_capability": [9, 0],
         "install_hint": by["deepep"]["install_hint"], "description": by["deepep"]["description"],
     }
+    assert by["deepep"]["reason"].startswith(
+        "backend 'deepep' runs on cuda only; device 'cpu' is not supported")
     mine = by["my_cli"]
     assert mine["available"] is True and mine["builtin"] is False and mine["reason"] == ""
     assert mine["modes"] == ["a", "b"] and mine["cuda_graph_modes"] == ["b"]
@@ -86,10 +88,23 @@ def test_table(capsys):
     assert rows["my_table"].rstrip().endswith("-")
     assert rows["deepep"].split()[:9] == ["deepep", "yes", "no", "scattered", "tp", "no",
                                           "normal,low_latency,auto", "low_latency,auto", "cuda"]
-    assert rows["deepep"].endswith("backend 'deepep' runs on cuda only; device 'cpu' is not supported")
+    assert "backend 'deepep' runs on cuda only; device 'cpu' is not supported" in rows["deepep"]
     # the reason column starts at the same offset on every line
     offset = lines[0].index("reason")
     assert rows["deepep"][offset:].startswith("backend 'deepep'")
+
+
+def test_emulated_kernels_listing(capsys):
+    """--emulate-kernels: deepep and megamoe are available on CPU and say "emulated"."""
+    code, out, _ = _run(["--device", "cpu", "--emulate-kernels"], capsys)
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert code == 0 and rows["deepep"][2] == "emulated" and rows["megamoe"][2] == "emulated"
+    assert rows["none"][2] == "yes"
+    code, out, _ = _run(["--json", "--device", "cpu", "--emulate-kernels", "sm90"], capsys)
+    by = {r["name"]: r for r in json.loads(out)}
+    assert by["megamoe"]["available"] and by["megamoe"]["emulated"] and by["megamoe"]["reason"] == ""
+    import sys
+    assert "deep_ep" not in sys.modules  # the emulation ended with the command
 
 
 def test_bad_device_is_usage_error(capsys):

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "config": "moe_a2a.cli.config_cmd",
     "backends": "moe_a2a.cli.backends_cmd",
     "run": "moe_a2a.cli.run_cmd",
+    "doctor": "moe_a2a.cli.doctor_cmd",
 }
 
 EXIT_OK = 0

@@ -5,8 +5,11 @@ cuda_graph, devices, reason; the reason last because it can be long). ``--json``
 list of objects with ``name``, ``builtin``, ``available``, ``reason``, ``source`` and every
 capability field of the spec (``dispatcher``, ``token_layout``, ``ep_policy``,
 ``fused_experts``, ``modes``, ``cuda_graph_modes``, ``devices``, ``requires``,
-``min_compute_capability``, ``install_hint``, ``description``). A broken entry point is a row
-with ``available: false``, its error as the reason and null capability fields.
+``min_compute_capability``, ``install_hint``, ``description``) and ``emulated`` (the backend's
+packages are moe-a2a's CPU emulations: with ``--emulate-kernels``, or when called inside
+``moe_a2a.testing.emulate_kernels()``; the table then says ``emulated`` instead of ``yes``). A
+broken entry point is a row with ``available: false``, its error as the reason and null
+capability fields.
 Exit status 0 (unavailable backends are information, not an error).
 """
 
@@ -38,6 +41,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default=None,
                    help="check availability for this device (default: this machine, CUDA when "
                         "a GPU is visible and the backend supports it)")
+    p.add_argument("--emulate-kernels", nargs="?", const="sm100", default=None, metavar="ARCH",
+                   choices=["sm90", "sm100"],
+                   help="check availability with moe_a2a.testing's emulations of deep_ep and "
+                        "deep_gemm installed (what `moe-a2a run --emulate-kernels` uses)")
     p.set_defaults(handler=main)
     return p
 
@@ -47,7 +54,8 @@ def rows(device: Optional[str] = None) -> List[Dict[str, Any]]:
     out = []
     for row in backends.available_backends(device):
         record: Dict[str, Any] = {"name": row.name, "builtin": row.builtin,
-                                  "available": row.ok, "reason": row.reason}
+                                  "available": row.ok, "reason": row.reason,
+                                  "emulated": row.emulated}
         if row.spec is not None:
             caps = row.spec.to_dict()
             record["source"] = backends.REGISTRY.source(row.name)
@@ -71,11 +79,18 @@ def format_table(records: Sequence[Dict[str, Any]]) -> str:
             return "-"
         if isinstance(value, bool):
             return "yes" if value else "no"
+        if isinstance(value, tuple):  # (available, emulated)
+            return "emulated" if value[0] and value[1] else cell(value[0])
         if isinstance(value, list):
             return ",".join(str(v) for v in value)
         return str(value)
 
-    table = [list(header)] + [[cell(r[k]) for k in keys] for r in records]
+    def value(record: Dict[str, Any], key: str) -> Any:
+        if key == "available":
+            return (record["available"], record.get("emulated", False))
+        return record[key]
+
+    table = [list(header)] + [[cell(value(r, k)) for k in keys] for r in records]
     widths = [max(len(line[i]) for line in table) for i in range(len(header) - 1)]
     lines = []
     for line in table:
@@ -85,7 +100,13 @@ def format_table(records: Sequence[Dict[str, Any]]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    records = rows(args.device)
+    if args.emulate_kernels is not None:
+        from moe_a2a.testing.kernel_emulation import emulate_kernels, parse_arch
+
+        with emulate_kernels(compute_capability=parse_arch(args.emulate_kernels)):
+            records = rows(args.device)
+    else:
+        records = rows(args.device)
     text = json.dumps(records, indent=2) if args.json else format_table(records)
     try:
         print(text, flush=True)

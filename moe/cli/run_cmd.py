@@ -9,6 +9,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
+from moe_a2a.cli import kernel_options
 from moe_a2a.errors import MoeA2AError
 
 if TYPE_CHECKING:  # the CLI imports the server-args model lazily
@@ -40,9 +41,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     model = p.add_argument_group("model shape")
     model.add_argument("--num-experts", type=int, default=shape.num_experts, help="routed experts")
     model.add_argument("--top-k", type=int, default=shape.top_k, help="experts per token")
-    model.add_argument("--hidden-size", type=int, default=shape.hidden_size)
-    model.add_argument("--intermediate-size", type=int, default=shape.intermediate_size,
-                       help="per-expert intermediate size (split over moe-TP ranks)")
+    model.add_argument("--hidden-size", type=int, default=None,
+                       help=f"default: {shape.hidden_size}, or the smallest size the backend's "
+                            f"kernels accept")
+    model.add_argument("--intermediate-size", type=int, default=None,
+                       help=f"per-expert intermediate size (split over moe-TP ranks); default: "
+                            f"{shape.intermediate_size}, or what the backend's kernels accept")
     model.add_argument("--shared-intermediate-size", type=int, default=None,
                        help="shared expert intermediate size; 0 = no shared expert "
                             "(default: --intermediate-size, i.e. one shared expert)")
@@ -59,11 +63,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="largest batch one DP rank gets in a step")
     job.add_argument("--steps", type=int, default=plan.steps)
     job.add_argument("--seed", type=int, default=plan.seed)
-    job.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    job.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                     help="default: float32, or the dtype the backend's kernels take "
+                          "(bfloat16 for deepep and megamoe)")
     job.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     job.add_argument("--routing-skew", type=float, default=plan.routing_skew, metavar="S",
                      help="add S to the router's correction bias of a few seeded experts (E/8): "
                           "skewed expert load for EPLB to rebalance (built-in shape only)")
+    kernel_options.add_arguments(job)
     job.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     job.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     job.add_argument("--routed-experts-output", metavar="PATH", default=None,
@@ -219,7 +226,10 @@ def _check_capacity(args: "ServerArgs", num_tokens: int) -> None:
     """``--num-tokens`` must fit every per-rank capacity of the backend (no silent fallback)."""
     from moe_a2a.server_args.validate import batch_capacity_error
 
-    attn_tp = args.attn_tp_size if args.backend_spec.token_layout == "scattered" else 1
+    spec = args.backend_spec
+    if spec.capacities and all(r.over_capacity == "fallback" for r in spec.capacities):
+        return  # run's batches are eager: above the cap a step takes the fallback path
+    attn_tp = args.attn_tp_size if spec.token_layout == "scattered" else 1
     per_rank = args.kernel_tokens(num_tokens)  # the fullest rank after the attention-TP split
     shown = f"--num-tokens {num_tokens}" + (f" over {attn_tp} attention-TP ranks" if attn_tp > 1 else "")
     message = batch_capacity_error(args, per_rank, shown, "--num-tokens")
@@ -260,7 +270,7 @@ def _describe(summary: Dict[str, Any]) -> str:
         f"{summary['tokens']} tokens, {summary['dtype']}\n"
         f"  max abs err {summary['max_abs_err']:.3g} (tolerance {summary['tolerance']:.3g}, "
         f"reference: {summary['reference']}); {summary['tokens_per_s']:.1f} tokens/s through the "
-        f"layer stack{tail}" + _describe_capture(summary))
+        f"layer stack{tail}" + _describe_capture(summary) + _describe_kernels(summary))
 
 
 def _describe_capture(summary: Dict[str, Any]) -> str:
@@ -278,6 +288,15 @@ def _describe_capture(summary: Dict[str, Any]) -> str:
     return text
 
 
+def _describe_kernels(summary: Dict[str, Any]) -> str:
+    kernels = summary.get("kernels") or {}
+    if not kernels:
+        return ""
+    parts = [f"{name} {'EMULATED (moe_a2a.testing: no kernel ran)' if how == 'emulated' else how}"
+             for name, how in kernels.items()]
+    return "\n  kernels: " + ", ".join(parts)
+
+
 def main(ns: argparse.Namespace) -> int:
     from moe_a2a.run import RankError, run_rank, spawn_job
     from moe_a2a.run_plan import ModelShape, RunPlan
@@ -290,13 +309,16 @@ def main(ns: argparse.Namespace) -> int:
         args = resolve_namespace(ns, defaults=defaults)
     for warning in args.warnings:
         print(f"moe-a2a: warning: {warning}", file=sys.stderr)
+    base = ModelShape()
+    hidden = base.hidden_size if ns.hidden_size is None else ns.hidden_size
+    inter = base.intermediate_size if ns.intermediate_size is None else ns.intermediate_size
     shape = ModelShape(
-        num_experts=ns.num_experts, top_k=ns.top_k, hidden_size=ns.hidden_size,
-        intermediate_size=ns.intermediate_size,
-        shared_intermediate_size=(ns.intermediate_size if ns.shared_intermediate_size is None
+        num_experts=ns.num_experts, top_k=ns.top_k, hidden_size=hidden, intermediate_size=inter,
+        shared_intermediate_size=(inter if ns.shared_intermediate_size is None
                                   else ns.shared_intermediate_size),
         num_layers=ns.num_layers, n_group=ns.n_group, topk_group=ns.topk_group,
         hf_config=ns.hf_config)
+    shape, dtype, run_decisions = kernel_options.fit_shape(ns, args, shape)
     _check_positive("--num-tokens", ns.num_tokens, 0)
     _check_positive("--steps", ns.steps, 1)
     if shape.hf_config:
@@ -309,13 +331,20 @@ def main(ns: argparse.Namespace) -> int:
     _check_supported(args)
     _check_routed_experts_output(ns.routed_experts_output, args)
     _check_capacity(args, ns.num_tokens)
-    _check_device(ns.device, args)
+    emulation = kernel_options.emulation_plan(ns.emulate_kernels, args, ns.device)
+    with kernel_options.emulated(emulation):
+        _check_device(ns.device, args)
     plan = RunPlan(args_json=args.to_json(), shape=shape, num_tokens=ns.num_tokens,
-                   steps=ns.steps, seed=ns.seed, dtype=ns.dtype, device=ns.device,
+                   steps=ns.steps, seed=ns.seed, dtype=dtype, device=ns.device,
                    progress=not ns.quiet, routing_skew=_checked_skew(ns.routing_skew),
-                   routed_experts_output=ns.routed_experts_output)
+                   routed_experts_output=ns.routed_experts_output,
+                   emulate_kernels=emulation.packages,
+                   emulated_capability=emulation.compute_capability)
     launch = read_launch_env()
     if launch is None:
+        if not ns.quiet and emulation.active:
+            print(f"[moe-a2a run] {', '.join(emulation.packages)}: moe_a2a.testing emulation "
+                  f"(same API, real token movement, no kernels)", file=sys.stderr, flush=True)
         if not ns.quiet:
             print(f"[moe-a2a run] backend {args.moe_a2a_backend}: starting {args.tp_size} local "
                   f"{ns.device} ranks, {ns.steps} steps x {shape.num_layers} layers, up to "
@@ -333,7 +362,9 @@ def main(ns: argparse.Namespace) -> int:
         if launch.rank != 0:
             return 0 if summary["passed"] else EXIT_MISMATCH  # rank 0 reports for the job
     summary["decisions"] = [d.to_dict() if hasattr(d, "to_dict") else d for d in
-                            args.explain().get("decisions", [])]
+                            args.explain().get("decisions", [])] + run_decisions
+    summary["kernels"] = kernel_options.kernels_summary(emulation)
+    summary["emulated"] = emulation.active
     summary["warnings"] = list(args.warnings)
     if ns.json:
         print(json.dumps(summary, indent=2))
