@@ -73,9 +73,46 @@ def test_experts_not_divisible_by_ep_exits_2():
 
 
 def test_unavailable_backend_exits_2_with_the_reason():
+    import importlib.util
+
     proc = _run("--moe-a2a-backend", "deepep", "--tp-size", "2")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--moe-a2a-backend deepep cannot run on cpu" in proc.stderr
+    if importlib.util.find_spec("deep_ep") is None:  # fail closed: the import error and the hint
+        assert "import deep_ep failed: ModuleNotFoundError: No module named 'deep_ep'" in proc.stderr
+        assert "install: build DeepEP v1.2.1 from source" in proc.stderr
+        assert "--emulate-kernels" in proc.stderr
+
+
+# ---- deepep and megamoe through the kernel emulations (--emulate-kernels) -----------------
+
+def test_deepep_low_latency_emulated():
+    s = _summary(_run("--moe-a2a-backend", "deepep", "--deepep-mode", "low_latency", "--tp-size",
+                      "4", "--emulate-kernels", "--json"))
+    assert s["passed"] is True and s["backend"] == "deepep" and s["tp_size"] == 4
+    assert s["emulated"] is True and s["kernels"] == {"deep_ep": "emulated"}
+    assert s["dispatch_modes"] == {"normal": 0, "low_latency": 8}
+    assert s["dtype"] == "bfloat16" and s["shape"]["hidden_size"] == 2048  # what the kernels take
+    fields = {d["field"]: d for d in s["decisions"]}
+    assert fields["hidden_size"]["to"] == 2048 and "DeepEP low-latency kernels" in fields["hidden_size"]["reason"]
+    assert fields["dtype"]["to"] == "bfloat16"
+
+
+def test_deepep_auto_emulated_prefill_then_decode():
+    """auto: step 0 prefills (normal), steps 1 and 3 decode (low latency), step 2 prefills."""
+    proc = _run("--moe-a2a-backend", "deepep", "--deepep-mode", "auto", "--tp-size", "4",
+                "--num-layers", "1", "--emulate-kernels", "--json")
+    s = _summary(proc)
+    assert s["passed"] is True and s["dispatch_modes"] == {"normal": 2, "low_latency": 2}
+
+
+def test_megamoe_emulated_under_and_over_the_cap():
+    """cap 4 with up to 32 tokens over 4 attention-TP ranks: full steps take the fallback,
+    small ones the fused kernel; both equal the reference."""
+    s = _summary(_run("--moe-a2a-backend", "megamoe", "--tp-size", "4", "--num-layers", "1",
+                      "--mega-moe-num-max-tokens-per-rank", "4", "--emulate-kernels", "--json"))
+    assert s["passed"] is True and s["kernels"] == {"deep_gemm": "emulated"}
+    assert s["layer_calls"]["fused"] == 2 and s["layer_calls"]["fallback"] == 2
 
 
 def test_hf_deepseek_block_against_transformers():
@@ -142,6 +179,17 @@ def test_torchrun_two_processes():
      "into slots of --intermediate-size 64: use a multiple of 64"),
     (["--routing-skew", "-1"], "--routing-skew -1.0 is invalid"),
     (["--enable-deepep-waterfill", "--tp-size", "2"], "--moe-a2a-backend deepep cannot run on cpu"),
+    (["--moe-a2a-backend", "deepep", "--deepep-mode", "low_latency", "--tp-size", "2",
+      "--hidden-size", "1000", "--emulate-kernels"],
+     "--hidden-size 1000: DeepEP low-latency kernels are compiled for hidden sizes 2048,"),
+    (["--moe-a2a-backend", "deepep", "--tp-size", "2", "--dtype", "float32", "--emulate-kernels"],
+     "--dtype float32: DeepEP normal and low-latency kernels (auto mode) take bfloat16"),
+    (["--moe-a2a-backend", "megamoe", "--tp-size", "2", "--intermediate-size", "64",
+      "--emulate-kernels"], "--intermediate-size 64: DeepGEMM Mega-MoE kernels need an expert "
+                            "intermediate size divisible by 512"),
+    (["--moe-a2a-backend", "deepep", "--tp-size", "6", "--deepep-mode", "normal",
+      "--num-experts", "24", "--emulate-kernels"], "--tp-size 6: DeepEP normal kernels run on EP "
+                                                   "groups of 2, 4, 8"),
 ])
 def test_bad_input_exits_2_without_starting_ranks(argv, needle, capsys, monkeypatch):
     from moe_a2a import run as run_module
