@@ -116,7 +116,8 @@ class ReferenceExperts:
 
 
 def _dequantized(x: torch.Tensor, scales) -> torch.Tensor:
-    """FP8 rows with per-128-channel scales -> bfloat16 (unquantised rows unchanged)."""
+    """FP8 rows with per-128-channel scales (any leading shape) -> bfloat16; unquantised rows
+    unchanged. Shared by the runners."""
     if scales is None:
         return x
     from moe_a2a.dispatchers.fp8 import dequantize_per_token

@@ -30,7 +30,7 @@ from moe_a2a.dispatchers.outputs import (
     StandardDispatchOutput,
 )
 from moe_a2a.errors import MoeA2AError
-from moe_a2a.experts import ReferenceExperts, UnsupportedDispatchFormat
+from moe_a2a.experts import ReferenceExperts, UnsupportedDispatchFormat, _dequantized
 from moe_a2a.weights import LocalExpertWeights
 
 RUNNER_CHOICES = ("auto", "reference", "grouped_mm")
@@ -101,17 +101,18 @@ class GroupedMMExperts:
                            out.tokens_per_expert, w)
 
     def _deepep_normal(self, out: DeepEPNormalOutput, w: LocalExpertWeights) -> torch.Tensor:
-        _check(out.hidden_states, w)
+        x = _dequantized(out.hidden_states, out.scales)  # FP8 payloads -> bf16
+        _check(x, w)
         flat = out.topk_ids.reshape(-1)
         key = torch.where(flat >= 0, flat, torch.full_like(flat, w.num_local_experts))
         order = torch.argsort(key, stable=True)
         counts = torch.tensor(out.num_recv_tokens_per_expert, dtype=torch.int64,
                               device=out.hidden_states.device)
-        return self._pairs(out.hidden_states, out.topk_ids, out.topk_weights, order, counts, w)
+        return self._pairs(x, out.topk_ids, out.topk_weights, order, counts, w)
 
     def _deepep_low_latency(self, out: DeepEPLowLatencyOutput, w: LocalExpertWeights) -> torch.Tensor:
         """Batched over experts on the whole masked buffer (padding rows computed, then zeroed)."""
-        x = out.hidden_states
+        x = _dequantized(out.hidden_states, out.scales)  # FP8 payloads -> bf16
         if x.dim() != 3 or x.shape[0] != w.num_local_experts or x.shape[2] != w.hidden_size:
             raise MoeA2AError(f"low-latency hidden_states has shape {tuple(x.shape)}; expected "
                               f"[{w.num_local_experts}, cap * ep, {w.hidden_size}]")

@@ -366,6 +366,7 @@ def check_fp8_dispatch(rank: int, world: int) -> Dict[str, Any]:
     from moe_a2a.dispatchers.deepep import DeepEPDispatcher
     from moe_a2a.experts import LocalExperts
     from moe_a2a.routing import route
+    from moe_a2a.runners import GroupedMMExperts
 
     args = resolve(env={}, moe_a2a_backend="deepep", tp_size=world)
     ctx = make_parallel_context(ParallelSizes.from_server_args(args), rank, torch.device("cpu"))
@@ -380,6 +381,7 @@ def check_fp8_dispatch(rank: int, world: int) -> Dict[str, Any]:
                                     settings=DeepEPSettings(mode=mode, fp8_dispatch=True))
             dispatcher = DeepEPDispatcher(setup)
             local = LocalExperts(weights.shard(setup.placement))
+            grouped = LocalExperts(weights.shard(setup.placement), GroupedMMExperts())
             x = _x(7, rank, 3 + rank, hidden)
             topk = route(x.float() @ weights.gate.float().t(), router)
             from moe_a2a.dispatchers import PhysicalTopK
@@ -389,13 +391,16 @@ def check_fp8_dispatch(rank: int, world: int) -> Dict[str, Any]:
                               dp_num_tokens=tuple(3 + r for r in range(world)),
                               dp_forward_modes=(ForwardMode.DECODE,) * world)
             dispatched = dispatcher.dispatch(x, physical, batch=batch)
-            y = dispatcher.combine(CombineInput(expert_output=local(dispatched),
+            expert_out = local(dispatched)
+            same = torch.allclose(grouped(dispatched).float(), expert_out.float(), atol=0.05,
+                                  rtol=0.05)
+            y = dispatcher.combine(CombineInput(expert_output=expert_out,
                                                 dispatch_output=dispatched), batch=batch)
             ref, _ = reference_moe(x.float(), weights, router)
             out[mode] = {"format": type(dispatched).__name__,
                          "payload": str(dispatched.hidden_states.dtype),
                          "scales": None if dispatched.scales is None else str(dispatched.scales.dtype),
                          "rel_err": float((y.float() - ref).abs().max() / ref.abs().max()),
-                         "dtype": str(y.dtype)}
+                         "dtype": str(y.dtype), "grouped_runner_agrees": same}
             dispatcher.close()
     return out

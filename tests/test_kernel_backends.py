@@ -95,6 +95,7 @@ def test_deepep_fp8_dispatch_on_2_ranks(pool2):
         for mode in ("normal", "low_latency"):
             assert r[mode]["payload"] == "torch.float8_e4m3fn" and r[mode]["scales"] == "torch.float32"
             assert r[mode]["dtype"] == "torch.bfloat16"
+            assert r[mode]["grouped_runner_agrees"] is True  # both runners dequantise
             assert r[mode]["rel_err"] < FP8_TOL, r
 
 
