@@ -32,7 +32,7 @@ from typing import Tuple
 
 import torch
 
-from moe_a2a.dispatchers.base import BaseDispatcher, DispatcherSetup
+from moe_a2a.dispatchers.base import BaseDispatcher, DispatcherSetup, localize_topk
 from moe_a2a.dispatchers.batch import BatchInfo, PhysicalTopK
 from moe_a2a.dispatchers.errors import DispatcherError
 from moe_a2a.dispatchers.outputs import CombineInput, StandardDispatchOutput
@@ -168,12 +168,8 @@ class AllToAllDispatcher(BaseDispatcher):
                                             output_size=num_send)
 
         # metadata as the receiver needs it: its local ids (-1 elsewhere), weights zeroed
-        row_ids = ids.index_select(0, send_token)
-        local = row_ids - (send_rank * e_local).unsqueeze(1)
-        mine = (row_ids >= 0) & (local >= 0) & (local < e_local)
-        local = torch.where(mine, local, torch.full_like(local, -1))
-        row_weights = torch.where(mine, weights.index_select(0, send_token),
-                                  torch.zeros((), dtype=torch.float32, device=device))
+        local, row_weights = localize_topk(ids.index_select(0, send_token),
+                                           weights.index_select(0, send_token), send_rank, e_local)
         meta = pack_topk(local, row_weights)
 
         send_hidden = hidden_states.index_select(0, send_token)

@@ -124,6 +124,23 @@ def group_pairs_by_expert(local_ids: torch.Tensor, num_local_experts: int):
     return order, counts[:num_local_experts]
 
 
+def localize_topk(ids: torch.Tensor, weights: torch.Tensor, dest_rank: torch.Tensor,
+                  num_local_experts: int):
+    """Rows sent to ``dest_rank`` (one per row): the receiver's local ids, ``-1`` with weight 0
+    where the expert lives elsewhere (or the column is ``-1``).
+
+    Args:
+        ids: ``[N, K]`` int64 global ids; ``weights``: ``[N, K]`` float32;
+        dest_rank: ``[N]`` int64 destination EP rank of each row.
+    Returns:
+        ``(local_ids [N, K] int64, local_weights [N, K] float32)``.
+    """
+    local = ids - (dest_rank * num_local_experts).unsqueeze(1)
+    mine = (ids >= 0) & (local >= 0) & (local < num_local_experts)
+    local = torch.where(mine, local, torch.full_like(local, -1))
+    return local, torch.where(mine, weights, torch.zeros((), dtype=weights.dtype, device=weights.device))
+
+
 class Pending(Generic[T]):
     """The result of an ``*_async`` call: ``wait()`` returns it (once computed)."""
 
@@ -262,4 +279,5 @@ __all__ = [
     "StandardDispatchOutput",
     "TopK",
     "group_pairs_by_expert",
+    "localize_topk",
 ]

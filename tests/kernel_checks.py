@@ -224,11 +224,7 @@ def check_deep_ep_emulation(rank: int, world: int) -> Dict[str, Any]:
                                                                      use_ue8m0=True),
             "topk_int64": lambda: buffer.low_latency_dispatch(x, ids.int(), cap, num_experts),
         }.items():
-            try:
-                call()
-                refused[name] = None
-            except RuntimeError as exc:
-                refused[name] = str(exc)
+            refused[name] = _refusal(call)
         out["refused"] = refused
         small = deep_ep.Buffer(group, 1024, 0, explicitly_destroy=True)
         try:
@@ -250,6 +246,15 @@ def check_deep_ep_emulation(rank: int, world: int) -> Dict[str, Any]:
         except AttributeError as exc:
             out["destroyed"] = str(exc)
     return out
+
+
+def _refusal(call) -> Any:
+    """The kernel's error text, or None when the call went through."""
+    try:
+        call()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
 
 
 def _gather_objects(obj: Any, group, world: int) -> List[Any]:
@@ -321,11 +326,7 @@ def check_deep_gemm_emulation(rank: int, world: int) -> Dict[str, Any]:
             "too_many_tokens": lambda: deep_gemm.bf16_mega_moe(
                 torch.empty(buf.num_max_tokens_per_rank + 1, hidden, dtype=torch.bfloat16), tl1, tl2, buf),
         }.items():
-            try:
-                call()
-                refused[name] = None
-            except RuntimeError as exc:
-                refused[name] = str(exc)
+            refused[name] = _refusal(call)
         out["refused"] = refused
         buf.destroy()
     with emulate_kernels(["deep_gemm"], compute_capability=(9, 0)):

@@ -38,6 +38,7 @@ from typing import Any, Callable, List, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from moe_a2a.dispatchers.base import localize_topk
 from moe_a2a.dispatchers.collectives import all_to_all_v, gather_into
 from moe_a2a.dispatchers.fp8 import FP8, quantize_per_token
 
@@ -534,12 +535,9 @@ class Buffer:
             return out_x, None, None, None, None, event
 
         # the kernel rewrites ids on the sender: the receiver's local ids, -1 (weight 0) elsewhere
-        row_ids = topk_idx.index_select(0, send_token)
-        local = row_ids - (send_rank * num_local).unsqueeze(1)
-        mine = (row_ids >= 0) & (local >= 0) & (local < num_local)
-        local = torch.where(mine, local, torch.full_like(local, -1))
-        row_weights = torch.where(mine, topk_weights.index_select(0, send_token),
-                                  torch.zeros((), dtype=torch.float32, device=device))
+        local, row_weights = localize_topk(topk_idx.index_select(0, send_token),
+                                           topk_weights.index_select(0, send_token), send_rank,
+                                           num_local)
         recv_topk_idx = self._all_to_all(local, recv_splits, send_splits)
         recv_topk_weights = self._all_to_all(row_weights, recv_splits, send_splits)
         expert_counts = torch.bincount(recv_topk_idx[recv_topk_idx >= 0],
