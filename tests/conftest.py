@@ -3,6 +3,8 @@ import torch
 
 from moe_a2a.testing import RankPool
 
+pytest_plugins = ["moe_a2a.testing.pytest_plugin"]  # the emulated_kernels fixture
+
 
 @pytest.fixture(scope="session")
 def pool2():

@@ -84,7 +84,9 @@ def _run_case(rank: int, case: Dict[str, Any]) -> Dict[str, Any]:
            "output": layer.dispatcher.output_class.__name__ if layer.dispatcher else None,
            "variant": getattr(getattr(layer.fused, "variant", None), "name", None),
            "shared_storage": getattr(layer.fused, "shared_storage", None),
-           "symm_buffers": getattr(comm, "num_buffers", None)}
+           "symm_buffers": getattr(comm, "num_buffers", None),
+           "qps": getattr(comm, "num_qps_per_rank", None),
+           "dispatch_sms": getattr(getattr(comm, "dispatch_config", None), "num_sms", None)}
     stack.close()
     out["closed"] = comm.closed and getattr(comm, "buffer", None) is None
     return out

@@ -26,7 +26,9 @@ CASES_4 = [
     # DeepEP normal under DP attention (attention-TP 2): uneven DP batches, empty ranks
     _case("normal_tp4_dp2", [([7, 3], [P, P]), ([0, 5], [P, P]), ([1, 0], [P, P])], layers=2,
           args=dict(moe_a2a_backend="deepep", deepep_mode="normal", tp_size=4, dp_size=2,
-                    enable_dp_attention=True)),
+                    enable_dp_attention=True,
+                    deepep_config='{"normal_dispatch": {"num_sms": 24}, "normal_combine": '
+                                  '{"num_sms": 24, "num_max_nvl_chunked_recv_tokens": 128}}')),
     # low latency over 4 attention-TP ranks: 13 tokens -> at most 4 per rank = the capacity
     _case("ll_tp4", [([13], [D]), ([1], [D]), ([0], [D])],
           args=dict(moe_a2a_backend="deepep", deepep_mode="low_latency", tp_size=4,
@@ -65,6 +67,7 @@ def test_kernel_backends_on_4_ranks(pool4):
     assert normal["error"] is None and normal["output"] == "DeepEPNormalOutput"
     assert normal["modes"] == [["normal"]] * 3 and normal["communicators"] == 1
     assert normal["buffer_bytes"][0] > 0 and normal["buffer_bytes"][1] == 0  # intranode: NVL only
+    assert normal["dispatch_sms"] == 24 and normal["qps"] == 24  # --deepep-config reached it
     ll = by_rank[0]["ll_tp4"]
     assert ll["output"] == "DeepEPLowLatencyOutput" and ll["modes"] == [["low_latency"]] * 3
     assert ll["buffer_bytes"][0] == 0 and ll["buffer_bytes"][1] > 0

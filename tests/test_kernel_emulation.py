@@ -211,3 +211,21 @@ def test_fp8_fp4_kernel_is_checked_but_not_computed():
             deep_gemm.fp8_fp4_mega_moe(y, (torch.empty(2, 256, 64),), None, buf)
         with pytest.warns(DeprecationWarning, match="use_fp8_dispatch"):
             deep_gemm.get_symm_buffer_for_mega_moe(One(), 2, 8, 1, 128, 128, use_fp8_dispatch=True)
+
+
+def test_pytest_fixture(emulated_kernels):
+    import deep_ep
+    import deep_gemm
+
+    assert [i.package for i in emulated_kernels] == ["deep_ep", "deep_gemm"]
+    assert deep_ep.__moe_a2a_emulation__.compute_capability == (10, 0)
+    assert deep_gemm.__moe_a2a_emulation__ is emulated_kernels[1]
+
+
+@pytest.mark.parametrize("emulated_kernels", [{"packages": ["deep_gemm"],
+                                               "compute_capability": (9, 0)}], indirect=True)
+def test_pytest_fixture_options(emulated_kernels):
+    import deep_gemm
+
+    assert deep_gemm.__moe_a2a_emulation__.compute_capability == (9, 0)
+    assert "deep_ep" not in sys.modules
