@@ -187,6 +187,12 @@ class DeepEPCommunicator(Communicator):
         self._last_mode = mode
         return self.buffer
 
+    def open_buffer(self) -> Any:
+        """The buffer for a combine: its dispatch already prepared the mode (cleaning between
+        a low-latency dispatch and its combine would wipe the combine's flags)."""
+        self.check_open("DeepEP combine")
+        return self.buffer
+
     def close(self) -> None:
         if getattr(self, "buffer", None) is not None:
             self.buffer.destroy()
@@ -358,14 +364,14 @@ class DeepEPDispatcher(BaseDispatcher):
         handle = getattr(combine_input.dispatch_output, "handle", None)
         if isinstance(handle, DeepEPLowLatencyHandle):
             h = combine_handle(combine_input, DeepEPLowLatencyHandle, "DeepEPDispatcher")
-            buffer = self.comm.enter(LOW_LATENCY)
+            buffer = self.comm.open_buffer()
             y = combine_input.expert_output.to(torch.bfloat16).contiguous()
             combined, _event, _hook = buffer.low_latency_combine(
                 y, h.topk_ids, h.topk_weights, h.buffer_handle, async_finish=False,
                 return_recv_hook=False)
             return combined.to(h.input_dtype)
         h = combine_handle(combine_input, DeepEPNormalHandle, "DeepEPDispatcher")
-        buffer = self.comm.enter(NORMAL)
+        buffer = self.comm.open_buffer()
         y = combine_input.expert_output.to(torch.bfloat16).contiguous()
         combined, _weights, _event = buffer.combine(y, h.buffer_handle,
                                                     config=self.comm.combine_config)
