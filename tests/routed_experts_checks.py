@@ -41,8 +41,10 @@ def _layers(case: Dict[str, Any]):
         return ([w for w, _ in pairs], [r for _, r in pairs],
                 [RouterOracle(None, None, b) for b in blocks])
     router = _router(case.get("experts", 16), case.get("top_k", 4))
-    weights = [MoEWeights.random(router.num_experts, HIDDEN, 8, 8, seed=i,
-                                 with_correction_bias=True) for i in range(n)]
+    # kernel backends take the shapes and dtypes their kernels accept (DeepEP: bf16, hidden 2048)
+    weights = [MoEWeights.random(router.num_experts, case.get("hidden", HIDDEN), 8, 8, seed=i,
+                                 with_correction_bias=True, dtype=case.get("dtype", torch.float32))
+               for i in range(n)]
     return weights, [router] * n, [RouterOracle(w, router, None) for w in weights]
 
 
@@ -77,14 +79,15 @@ def _run_case(rank: int, case: Dict[str, Any]) -> Dict[str, Any]:
     batches = case["dp_batches"]
     most = max(max(sizes) for sizes in batches)
     sizes = capture_sizes(args, num_token_slots=64 * 16 * g.dp_size, max_step_tokens=max(1, most))
-    stack = MoEStack.build(weights, routers, args, ctx, capture=sizes)
+    dtype = case.get("dtype", torch.float32)
+    stack = MoEStack.build(weights, routers, args, ctx, capture=sizes, dtype=dtype)
     cap = stack.routed_experts
     written, expected, scores = [], [], []
     collectives = []
     for step, dp_sizes in enumerate(batches):
         n = dp_sizes[g.dp_rank]
         gen = torch.Generator().manual_seed(step * 31 + g.dp_rank)
-        h = torch.randn(n, weights[0].hidden_size, generator=gen)
+        h = torch.randn(n, weights[0].hidden_size, generator=gen).to(dtype)
         slots = _slots(g.dp_rank, step, n)
         before = cap.collectives
         with stack.step(n, token_slots=slots):

@@ -2,6 +2,7 @@
 and the strategies against each other (identical rows)."""
 
 import pytest
+import torch
 
 import routed_experts_checks
 
@@ -122,6 +123,7 @@ def test_deepep_through_the_emulation(pool4):
         pytest.skip("moe_a2a.testing.emulate_kernels (the DeepEP emulation) has not landed")
     cases = [
         _case(f"deepep_{mode}_{gather}", [[7, 3], [0, 5], [1, 0]], emulate=True,
+              hidden=2048, dtype=torch.bfloat16,  # what DeepEP's kernels (and the emulation) take
               args=dict(moe_a2a_backend="deepep", deepep_mode=mode, routed_experts_gather=gather,
                         **DP2))
         for mode in ("normal", "low_latency") for gather in ("early", "late")]
