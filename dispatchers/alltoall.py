@@ -17,23 +17,29 @@ Send order is rank-major, token order within a destination rank, so the receiver
 ordered by source rank, then by the source's token order. All index building is vectorised
 (cumsum/scatter over the ``[T, W]`` destination mask); no Python loop runs per token.
 
-Buffers reused across steps and layers (grow-only, owned by the process's communicator): the
-``[2W]`` int64 count buffer (the send counts and the received counts sit side by side, so one
-``tolist()`` reads both), the ``arange`` index grids, and the fp32 accumulator of ``combine``
-when the output dtype is not fp32 (the returned tensor is always a fresh one). Tensors handed
-to the caller (received rows, metadata, outputs) are never reused, so overlapping micro-batches
-stay safe.
+Buffers reused across steps and layers (grow-only, owned by the process's communicator), so
+that a steady-state step allocates no fresh memory for the rows it moves (on CPU a fresh large
+tensor costs a page fault per page on first touch, which at thousands of tokens per rank costs
+as much as the all-to-all itself): the ``[2W]`` int64 count buffer (the send counts and the
+received counts sit side by side, so one ``tolist()`` reads both), the ``arange`` index grids,
+the send buffer of ``dispatch``, the buffer ``combine`` receives the returned rows in, and the
+fp32 accumulator of ``combine`` when the output dtype is not fp32. The received rows handed to
+the experts live in a buffer *leased* from the communicator and given back by ``combine``:
+valid until the ``combine`` of their dispatch returns (clone them to keep them longer); two
+dispatches in flight at once hold two leases, so overlapping micro-batches stay safe. The
+metadata and the output of ``combine`` are always fresh tensors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from moe_a2a.dispatchers.base import BaseDispatcher, DispatcherSetup, localize_topk
 from moe_a2a.dispatchers.batch import BatchInfo, PhysicalTopK
+from moe_a2a.dispatchers.communicator import BufferLease
 from moe_a2a.dispatchers.errors import DispatcherError
 from moe_a2a.dispatchers.outputs import CombineInput, StandardDispatchOutput
 from moe_a2a.dispatchers.collectives import all_to_all_counts, all_to_all_v, pack_topk, unpack_topk
@@ -57,12 +63,15 @@ class AllToAllHandle:
         send_splits: rows sent to each EP rank (``sum = S``); equals, per destination, the
             number of this rank's tokens with at least one expert there.
         recv_splits: rows received from each EP rank (``sum = R``).
+        lease: the communicator lease holding the received rows, released by ``combine``
+            (None: nothing to give back).
     """
 
     num_tokens: int
     send_token_index: torch.Tensor
     send_splits: Tuple[int, ...]
     recv_splits: Tuple[int, ...]
+    lease: Optional[BufferLease] = None
 
     @property
     def num_sent(self) -> int:
@@ -103,12 +112,10 @@ class AllToAllDispatcher(BaseDispatcher):
     def _count_buffer(self, device: torch.device) -> torch.Tensor:
         return self.comm.scratch("alltoall.counts", 2 * self.ep_size, torch.int64, device)
 
-    def _arange(self, n: int, device: torch.device) -> torch.Tensor:
-        return self.comm.arange(n, device)
-
-    def _accumulator(self, rows: int, hidden: int, device: torch.device) -> torch.Tensor:
-        flat = self.comm.scratch("alltoall.accumulator", rows * hidden, torch.float32, device)
-        return flat.view(rows, hidden).zero_()
+    def _rows(self, key: str, rows: int, hidden: int, dtype: torch.dtype,
+              device: torch.device) -> torch.Tensor:
+        """A reused ``[rows, hidden]`` scratch (never handed to the caller)."""
+        return self.comm.scratch(key, rows * hidden, dtype, device).view(rows, hidden)
 
     # -- dispatch / combine -------------------------------------------------------------
 
@@ -124,9 +131,11 @@ class AllToAllDispatcher(BaseDispatcher):
             batch: the step's facts (not needed: the exact splits are exchanged per call).
         Returns:
             ``StandardDispatchOutput`` with ``R`` received rows ordered by source
-            rank, then by the source's token order: ``hidden_states [R, H]`` (input dtype),
-            ``topk_ids [R, K]`` int64 ids local to this rank (``-1`` = expert on another rank
-            or no expert), ``topk_weights [R, K]`` float32 (0 where the id is ``-1``),
+            rank, then by the source's token order: ``hidden_states [R, H]`` (input dtype;
+            it lives in a buffer that ``combine`` recycles: valid until the ``combine`` of
+            this dispatch returns, clone it to keep it longer), ``topk_ids [R, K]`` int64 ids
+            local to this rank (``-1`` = expert on another rank or no expert),
+            ``topk_weights [R, K]`` float32 (0 where the id is ``-1``),
             ``tokens_per_expert [E_local]`` int64, ``pair_order [R*K]`` int64; the handle is an
             ``AllToAllHandle``.
         """
@@ -135,50 +144,81 @@ class AllToAllDispatcher(BaseDispatcher):
         world = self.ep_size
         e_local = self.placement.num_local_experts
         num_tokens, top_k = (int(s) for s in topk.ids.shape)
+        hidden = int(hidden_states.shape[1])
         ids = topk.ids.to(device=device, dtype=torch.int64)
         weights = topk.weights.to(device=device, dtype=torch.float32)
 
-        # [T, W] destination mask: column W (dropped) collects the -1 ids
+        # [T, K] destination rank of each column (W = dropped: the -1 ids); [T, W] mask of the
+        # ranks each token goes to
         dest = torch.where(ids >= 0, torch.div(ids, e_local, rounding_mode="floor"),
                            torch.full_like(ids, world))
-        hit = torch.zeros(num_tokens, world + 1, dtype=torch.bool, device=device)
-        hit.scatter_(1, dest, True)
+        hit = torch.zeros(num_tokens, world + 1, dtype=torch.int64, device=device)
+        hit.scatter_(1, dest, 1)
         hit = hit[:, :world]
-        hit_i = hit.to(torch.int64)
 
         counts = self._count_buffer(device)
         send_counts, recv_counts = counts[:world], counts[world:]
-        torch.sum(hit_i, dim=0, out=send_counts)
-        all_to_all_counts(send_counts, self.group, out=recv_counts)
+        torch.sum(hit, dim=0, out=send_counts)
+        exchange = all_to_all_counts(send_counts, self.group, out=recv_counts, async_op=True)
+        send = None
+        if device.type == "cpu":  # the host has the send counts: build the send meanwhile
+            send = self._build_send(hidden_states, ids, weights, hit, send_counts,
+                                    int(send_counts.sum()))
+        exchange.wait()
         host = counts.tolist()  # the step's one device-to-host read
         send_splits, recv_splits = tuple(host[:world]), tuple(host[world:])
-        num_send = sum(send_splits)
+        num_recv = sum(recv_splits)
+        if send is None:
+            send = self._build_send(hidden_states, ids, weights, hit, send_counts,
+                                    sum(send_splits))
+        send_token, meta, send_hidden = send
 
-        # slot of each (token, rank) pair in the send buffer: rank offset + rank-local order;
-        # pairs that are not sent go to a dump slot at index num_send
-        within = torch.cumsum(hit_i, dim=0) - hit_i
-        rank_offset = torch.cumsum(send_counts, dim=0) - send_counts
-        slot = torch.where(hit, within + rank_offset, torch.full_like(within, num_send))
-        tokens = self._arange(num_tokens, device)
-        send_token = torch.empty(num_send + 1, dtype=torch.int64, device=device)
-        send_token.scatter_(0, slot.reshape(-1),
-                            tokens.unsqueeze(1).expand(num_tokens, world).reshape(-1))
-        send_token = send_token[:num_send]
-        send_rank = torch.repeat_interleave(self._arange(world, device), send_counts,
-                                            output_size=num_send)
+        # the rows arrive in a leased buffer (given back by combine), so that steady-state
+        # steps touch no fresh memory; the small metadata travels at the same time
+        lease = self.comm.lease("alltoall.recv", num_recv * hidden, hidden_states.dtype, device)
+        recv_meta = all_to_all_v(meta, recv_splits, send_splits, self.group, async_op=True)
+        recv_hidden = all_to_all_v(send_hidden, recv_splits, send_splits, self.group,
+                                   out=lease.buffer.view(num_recv, hidden))
+        recv_ids, recv_weights = unpack_topk(recv_meta.wait(), top_k)
+        handle = AllToAllHandle(num_tokens=num_tokens, send_token_index=send_token,
+                                send_splits=send_splits, recv_splits=recv_splits, lease=lease)
+        return self._standard_output(recv_hidden, recv_ids, recv_weights, handle)
+
+    def _build_send(self, hidden_states: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                    hit: torch.Tensor, send_counts: torch.Tensor,
+                    num_send: int):
+        """The send side of ``dispatch``, from local facts only.
+
+        Args:
+            hit: ``[T, W]`` int64, 1 where the token goes to the rank.
+            send_counts: ``[W]`` int64 (on the device), ``num_send`` its sum (on the host).
+        Returns:
+            ``(send_token [S] int64 origin token per sent row, meta [S, 2K] float32 packed
+            receiver-local ids and weights, send_hidden [S, H] in a reused send buffer)``,
+            rows in rank-major, then token order.
+        """
+        device = hidden_states.device
+        num_tokens, world = int(hit.shape[0]), int(hit.shape[1])
+        e_local = self.placement.num_local_experts
+        # slot of each (token, rank) pair: rank offset + rank-local order (an exclusive cumsum
+        # down the tokens); pairs not sent go to a dump slot. One scatter of the flat pair index
+        # t * W + r gives both the token and the rank of every slot.
+        slot = torch.cumsum(hit, dim=0).sub_(hit).add_(torch.cumsum(send_counts, 0) - send_counts)
+        slot.masked_fill_(hit == 0, num_send)
+        pair = torch.empty(num_send + 1, dtype=torch.int64, device=device)
+        pair.scatter_(0, slot.reshape(-1), self.comm.arange(num_tokens * world, device))
+        pair = pair[:num_send]
+        send_token = torch.div(pair, world, rounding_mode="floor")
+        send_rank = pair - send_token * world
 
         # metadata as the receiver needs it: its local ids (-1 elsewhere), weights zeroed
         local, row_weights = localize_topk(ids.index_select(0, send_token),
                                            weights.index_select(0, send_token), send_rank, e_local)
         meta = pack_topk(local, row_weights)
-
-        send_hidden = hidden_states.index_select(0, send_token)
-        recv_hidden = all_to_all_v(send_hidden, recv_splits, send_splits, self.group)
-        recv_meta = all_to_all_v(meta, recv_splits, send_splits, self.group)
-        recv_ids, recv_weights = unpack_topk(recv_meta, top_k)
-        handle = AllToAllHandle(num_tokens=num_tokens, send_token_index=send_token,
-                                send_splits=send_splits, recv_splits=recv_splits)
-        return self._standard_output(recv_hidden, recv_ids, recv_weights, handle)
+        send_hidden = self._rows("alltoall.send", num_send, int(hidden_states.shape[1]),
+                                 hidden_states.dtype, device)
+        torch.index_select(hidden_states, 0, send_token, out=send_hidden)
+        return send_token, meta, send_hidden
 
     def combine(self, combine_input: CombineInput, *, batch: BatchInfo) -> torch.Tensor:
         """Return each row's output to its origin and sum per token in token order.
@@ -188,17 +228,21 @@ class AllToAllDispatcher(BaseDispatcher):
                 this rank's experts for it; not modified.
         Returns:
             ``[T, H]`` in ``expert_output``'s dtype (accumulated in fp32, or fp64 for fp64
-            input); tokens routed
-            nowhere (all ids ``-1``) are zero.
+            input); tokens routed nowhere (all ids ``-1``) are zero. The dispatch's received
+            rows are recycled once this returns.
         """
         handle = combine_handle(combine_input, AllToAllHandle, "AllToAllDispatcher")
         out = combine_input.expert_output
-        returned = all_to_all_v(out, handle.send_splits, handle.recv_splits, self.group)
         hidden = int(out.shape[1])
+        returned = self._rows("alltoall.returned", handle.num_sent, hidden, out.dtype, out.device)
+        all_to_all_v(out, handle.send_splits, handle.recv_splits, self.group, out=returned)
+        if handle.lease is not None:
+            handle.lease.release()  # the experts and the send above were its last readers
         acc_dtype = torch.promote_types(out.dtype, torch.float32)
         if acc_dtype == out.dtype:  # the accumulator is the result: never a reused buffer
             acc = torch.zeros(handle.num_tokens, hidden, dtype=acc_dtype, device=out.device)
             return acc.index_add_(0, handle.send_token_index, returned)
-        acc = self._accumulator(handle.num_tokens, hidden, out.device)
+        acc = self._rows("alltoall.accumulator", handle.num_tokens, hidden, torch.float32,
+                         out.device).zero_()
         acc.index_add_(0, handle.send_token_index, returned.to(torch.float32))
         return acc.to(out.dtype)

@@ -64,6 +64,7 @@ __all__ = [
     "reduce_scatter_v",
     "unpack_topk",
     "MAX_PACKED_EXPERT_ID",
+    "Started",
 ]
 
 #: Expert ids travel as float32 next to their weights (``pack_topk``); integers up to 2**24
@@ -326,9 +327,21 @@ def reduce_scatter_v(x: torch.Tensor, sizes: Sequence[int],
 
 # --------------------------------------------------------------------------- all-to-all
 
+class Started(NamedTuple):
+    """A collective started with ``async_op``: ``wait()`` it before reading ``result``."""
+
+    result: torch.Tensor
+    work: Any  # the torch.distributed work handle, or None when nothing was issued
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        return self.result
+
+
 def all_to_all_v(x: torch.Tensor, output_split_sizes: Sequence[int],
                  input_split_sizes: Sequence[int], group: Optional[ProcessGroup],
-                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 out: Optional[torch.Tensor] = None, async_op: bool = False):
     """``all_to_all_single`` with exact (unpadded) splits along dim 0.
 
     Args:
@@ -336,8 +349,10 @@ def all_to_all_v(x: torch.Tensor, output_split_sizes: Sequence[int],
         output_split_sizes: rows received from each group rank.
         input_split_sizes: rows sent to each group rank.
         out: optional ``[sum(output_split_sizes), *]`` buffer of ``x``'s dtype to receive into.
+        async_op: return a ``Started`` at once (``x`` must stay untouched until its ``wait()``).
     Returns:
-        ``[sum(output_split_sizes), *]`` rows ordered by source group rank.
+        ``[sum(output_split_sizes), *]`` rows ordered by source group rank (a ``Started``
+        with ``async_op``).
     """
     n = _rows(x, "all_to_all_v")
     out_splits = _check_sizes(output_split_sizes, group, "all_to_all_v(output_split_sizes)")
@@ -361,22 +376,25 @@ def all_to_all_v(x: torch.Tensor, output_split_sizes: Sequence[int],
                 f"all_to_all_v: with one rank the output splits {out_splits} must equal "
                 f"the input splits {in_splits}"
             )
-        return out.copy_(x) if out.data_ptr() != x.data_ptr() else out
-    dist.all_to_all_single(_move_view(out, group), _move_view(x.contiguous(), group),
-                           output_split_sizes=out_splits, input_split_sizes=in_splits,
-                           group=group)
-    return out
+        out = out.copy_(x) if out.data_ptr() != x.data_ptr() else out
+        return Started(out, None) if async_op else out
+    work = dist.all_to_all_single(_move_view(out, group), _move_view(x.contiguous(), group),
+                                  output_split_sizes=out_splits, input_split_sizes=in_splits,
+                                  group=group, async_op=async_op)
+    return Started(out, work) if async_op else out
 
 
 def all_to_all_counts(send_counts: torch.Tensor, group: Optional[ProcessGroup],
-                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      out: Optional[torch.Tensor] = None, async_op: bool = False):
     """Exchange per-destination counts: ``recv[r]`` = what rank ``r`` sends to me.
 
     Args:
         send_counts: ``[group_size]`` int64 rows this rank sends to each group rank.
         out: optional ``[group_size]`` int64 buffer (may be a view of a larger buffer).
+        async_op: return a ``Started`` at once (overlap local work with the exchange).
     Returns:
-        ``[group_size]`` int64 on the same device (no device-to-host read).
+        ``[group_size]`` int64 on the same device (no device-to-host read); a ``Started``
+        with ``async_op``.
     """
     world = group_size(group)
     if tuple(send_counts.shape) != (world,):
@@ -387,9 +405,10 @@ def all_to_all_counts(send_counts: torch.Tensor, group: Optional[ProcessGroup],
     if out is None:
         out = torch.empty_like(send_counts)
     if group is None:
-        return out.copy_(send_counts)
-    dist.all_to_all_single(out, send_counts.contiguous(), group=group)
-    return out
+        out.copy_(send_counts)
+        return Started(out, None) if async_op else out
+    work = dist.all_to_all_single(out, send_counts.contiguous(), group=group, async_op=async_op)
+    return Started(out, work) if async_op else out
 
 
 # --------------------------------------------------------------------------- top-k packing
