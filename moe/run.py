@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -284,9 +284,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _spawned_rank(rank: int, plan: RunPlan, init_method: str, world_size: int, results) -> None:
+def _spawned_rank(rank: int, plan: Any, init_method: str, world_size: int, results,
+                  rank_fn: Callable[..., Dict[str, Any]]) -> None:
     try:
-        results.put((rank, "ok", run_rank(rank, plan, init_method, world_size)))
+        results.put((rank, "ok", rank_fn(rank, plan, init_method, world_size)))
     except user_error_types() as exc:
         results.put((rank, "user_error", str(exc)))
     except BaseException:
@@ -303,8 +304,13 @@ class RankError(RuntimeError):
     """A rank crashed (not a user error): the message holds its traceback."""
 
 
-def spawn_job(plan: RunPlan, world_size: int, timeout_s: float = 3600.0) -> Dict[str, Any]:
-    """Run ``world_size`` local ranks and return rank 0's summary."""
+def spawn_job(plan: Any, world_size: int, timeout_s: float = 3600.0,
+              rank_fn: Optional[Callable[..., Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """Run ``world_size`` local ranks and return rank 0's summary.
+
+    ``rank_fn(rank, plan, init_method, world_size)`` is one rank's job (a module-level
+    function, picklable for spawn); ``run_rank`` by default (``moe-a2a bench`` passes its own).
+    """
     import queue
 
     import torch.multiprocessing as mp
@@ -312,7 +318,8 @@ def spawn_job(plan: RunPlan, world_size: int, timeout_s: float = 3600.0) -> Dict
     init_method = f"tcp://127.0.0.1:{free_port()}"
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_spawned_rank, args=(r, plan, init_method, world_size, results))
+    procs = [ctx.Process(target=_spawned_rank, args=(r, plan, init_method, world_size, results,
+                                                         rank_fn or run_rank))
              for r in range(world_size)]
     for p in procs:
         p.start()

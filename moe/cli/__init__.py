@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "backends": "moe_a2a.cli.backends_cmd",
     "run": "moe_a2a.cli.run_cmd",
     "doctor": "moe_a2a.cli.doctor_cmd",
+    "bench": "moe_a2a.cli.bench_cmd",
 }
 
 EXIT_OK = 0

@@ -1,0 +1,130 @@
+"""How a ``moe-a2a bench`` report is shown: a text table and a log-log PNG plot.
+
+The report is the dict ``moe_a2a.bench.bench_rank`` returns (what ``--json`` prints).
+matplotlib is optional (``pip install 'moe-a2a[bench]'``); only ``write_plot`` needs it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from moe_a2a.errors import MoeA2AError
+
+PLOT_INSTALL = "pip install 'moe-a2a[bench]'  (or: pip install matplotlib)"
+
+
+class PlotUnavailable(MoeA2AError):
+    """``--plot`` was asked for but matplotlib is not installed."""
+
+
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """The median over rounds of ``numerator[i] / denominator[i]`` (same-round samples)."""
+    return statistics.median(n / d for n, d in zip(numerator, denominator))
+
+
+def _ms(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def describe_job(report: Dict[str, Any]) -> str:
+    job, shape = report["job"], report["job"]["shape"]
+    return (f"moe-a2a bench: {job['tp_size']} {job['device']} ranks ({job['dist_backend']}), "
+            f"hidden {shape['hidden_size']}, {shape['num_experts']} experts, top-{shape['top_k']}, "
+            f"intermediate {shape['intermediate_size']}, {job['dtype']}; median of "
+            f"{job['repeats']} rounds after {job['warmup']} warm-up, slowest rank, ms")
+
+
+def describe_machine(report: Dict[str, Any]) -> str:
+    m = report["machine"]
+    card = f", {m['card_count']} x {m['card']} ({m['card_memory_gib']} GiB)" if "card" in m else ""
+    return (f"machine: {m['cpu']} ({m['cpu_count']} cores){card}; torch {m['torch']}, "
+            f"{m['torch_threads_per_rank']} thread(s) per rank")
+
+
+def format_table(report: Dict[str, Any]) -> str:
+    """Rows per size: the floors, then each backend (parts, comm, ratios, tokens/s)."""
+    head = ("tokens/rank", "subject", "dispatch", "experts", "combine", "total", "comm",
+            "comm/floor(a)", "comm/floor(b)", "tokens/s")
+    rows: List[Tuple[str, ...]] = []
+    for entry in report["results"]:
+        n = str(entry["num_tokens"])
+        fa, fb = entry["samples_ms"]["floor_a"], entry["samples_ms"]["floor_b"]
+        rows.append((n, "floor (a)", "-", "-", "-", "-", _ms(entry["floor_a_ms"]), "1.00",
+                     _ratio(paired_ratio(fa, fb)), "-"))
+        rows.append((n, "floor (b)", "-", "-", "-", "-", _ms(entry["floor_b_ms"]),
+                     _ratio(paired_ratio(fb, fa)), "1.00", "-"))
+        for name, t in entry["backends"].items():
+            rows.append((n, name, _ms(t["dispatch_ms"]), _ms(t["experts_ms"]),
+                         _ms(t["combine_ms"]), _ms(t["total_ms"]), _ms(t["comm_ms"]),
+                         _ratio(t["ratio_floor_a"]), _ratio(t["ratio_floor_b"]),
+                         f"{t['tokens_per_s']:.0f}"))
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = [describe_job(report)]
+    lines += ["  ".join(c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in
+                        enumerate(zip(r, widths))).rstrip() for r in [head, *rows]]
+    lines.append("comm = dispatch -> combine with the experts skipped (what the floors measure); "
+                 "ratios: median over rounds of the same round's ratio; floor (a): gather + 2 "
+                 "all-to-all + weighted scatter-add; floor (b): all-gather + reduce-scatter")
+    lines.append(describe_machine(report))
+    return "\n".join(lines)
+
+
+def check_plot_available() -> None:
+    """Raise ``PlotUnavailable`` (naming the install command) without matplotlib."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise PlotUnavailable(f"--plot needs matplotlib ({exc}); fix: {PLOT_INSTALL}") from None
+
+
+def write_plot(report: Dict[str, Any], path: str) -> None:
+    """A log-log PNG: time per layer call against tokens per rank; per backend its ``comm``
+    (solid) and ``total`` (dashed, experts included); the floors in grey and black."""
+    check_plot_available()
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
+
+    results = report["results"]
+    sizes = [e["num_tokens"] for e in results]
+    fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=120)
+    ax.plot(sizes, [e["floor_a_ms"] for e in results], color="black", marker="s",
+            label="floor (a): gather + 2 all-to-all + scatter-add")
+    ax.plot(sizes, [e["floor_b_ms"] for e in results], color="grey", marker="s",
+            label="floor (b): all-gather + reduce-scatter")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, name in enumerate(report["backends"]):
+        color = colors[i % len(colors)]
+        comm = [e["backends"][name]["comm_ms"] for e in results]
+        if all(v is not None for v in comm):
+            ax.plot(sizes, comm, color=color, marker="o", label=f"{name}: dispatch + combine")
+        ax.plot(sizes, [e["backends"][name]["total_ms"] for e in results], color=color,
+                linestyle="--", marker=".", label=f"{name}: with experts")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.yaxis.set_major_formatter(plain)
+    ax.set_xticks(sizes)
+    ax.set_xlabel("tokens per rank")
+    ax.set_ylabel("time per layer call (ms, median, slowest rank)")
+    job = report["job"]
+    ax.set_title(f"{job['tp_size']} {job['device']} ranks ({job['dist_backend']}), hidden "
+                 f"{job['shape']['hidden_size']}, {job['dtype']}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.text(0.01, 0.01, describe_machine(report), fontsize=6, color="dimgrey")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+__all__ = ["PLOT_INSTALL", "PlotUnavailable", "check_plot_available", "describe_job",
+           "describe_machine", "format_table", "paired_ratio", "write_plot"]
