@@ -48,7 +48,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from moe_a2a.bench_report import paired_ratio
+from moe_a2a.bench_report import cost_growth, paired_ratio
 from moe_a2a.errors import MoeA2AError
 from moe_a2a.run_plan import ModelShape
 
@@ -352,6 +352,7 @@ def bench_on_group(plan: BenchPlan, rank: int, world_size: int,
                               "n_group": plan.shape.n_group, "topk_group": plan.shape.topk_group}},
             "backends": {s.name: s.describe() for s in subjects},
             "results": results,
+            "cost_growth": cost_growth(results),
             "checks": checks,
             "passed": all(c["passed"] for c in checks),
         }

@@ -6,6 +6,7 @@ matplotlib is optional (``pip install 'moe-a2a[bench]'``); only ``write_plot`` n
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -21,6 +22,63 @@ class PlotUnavailable(MoeA2AError):
 def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
     """The median over rounds of ``numerator[i] / denominator[i]`` (same-round samples)."""
     return statistics.median(n / d for n, d in zip(numerator, denominator))
+
+
+def fit_cost(sizes: Sequence[int], times_ms: Sequence[float]) -> Optional[Dict[str, float]]:
+    """Fit ``t(T) = fixed + per_token * T`` (least squares on relative errors, so that the small
+    sizes count as much as the large ones), with the log-log slopes at both ends.
+
+    Returns None for fewer than 3 sizes. ``fixed_ms``: the cost of a call with no tokens;
+    ``per_token_us``: the cost of one more token per rank; ``balance_tokens``: the size at
+    which both halves cost the same (below it the fixed cost dominates, above it the
+    per-token cost); ``slope_small`` / ``slope_large``: d log t / d log T between the two
+    smallest and the two largest sizes (0 = fixed cost only, 1 = proportional to T).
+    """
+    if len(sizes) < 3:
+        return None
+    u = [1.0 / t for t in times_ms]
+    s_uu = sum(x * x for x in u)
+    s_tuu = sum(n * x * x for n, x in zip(sizes, u))
+    s_ttuu = sum(n * n * x * x for n, x in zip(sizes, u))
+    s_u = sum(u)
+    s_tu = sum(n * x for n, x in zip(sizes, u))
+    det = s_uu * s_ttuu - s_tuu * s_tuu
+    fixed = (s_u * s_ttuu - s_tu * s_tuu) / det
+    per_token = (s_uu * s_tu - s_tuu * s_u) / det
+
+    def slope(i: int, j: int) -> float:
+        return math.log(times_ms[j] / times_ms[i]) / math.log(sizes[j] / sizes[i])
+
+    return {"fixed_ms": fixed, "per_token_us": per_token * 1e3,
+            "balance_tokens": fixed / per_token if per_token > 0 else math.inf,
+            "slope_small": slope(0, 1), "slope_large": slope(-2, -1)}
+
+
+def cost_growth(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """``fit_cost`` of each floor and of each backend's ``comm`` and ``total`` over the sizes."""
+    sizes = [e["num_tokens"] for e in results]
+    if len(sizes) < 3:
+        return {}
+    growth: Dict[str, Any] = {"floor_a": fit_cost(sizes, [e["floor_a_ms"] for e in results]),
+                              "floor_b": fit_cost(sizes, [e["floor_b_ms"] for e in results])}
+    for name in results[0]["backends"]:
+        for part in ("comm", "total"):
+            series = [e["backends"][name][f"{part}_ms"] for e in results]
+            if all(v is not None for v in series):
+                growth[f"{name}/{part}"] = fit_cost(sizes, series)
+    return growth
+
+
+def format_growth(growth: Dict[str, Any]) -> List[str]:
+    if not growth:
+        return []
+    head = ("cost growth", "fixed ms", "per token us", "balance at T", "slope small", "slope large")
+    rows = [head] + [(name, f"{f['fixed_ms']:.3g}", f"{f['per_token_us']:.3g}",
+                      f"{f['balance_tokens']:.0f}", f"{f['slope_small']:.2f}",
+                      f"{f['slope_large']:.2f}") for name, f in growth.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in rows]
 
 
 def _ms(value: Optional[float]) -> str:
@@ -70,6 +128,7 @@ def format_table(report: Dict[str, Any]) -> str:
     lines.append("comm = dispatch -> combine with the experts skipped (what the floors measure); "
                  "ratios: median over rounds of the same round's ratio; floor (a): gather + 2 "
                  "all-to-all + weighted scatter-add; floor (b): all-gather + reduce-scatter")
+    lines += format_growth(report.get("cost_growth", {}))
     lines.append(describe_machine(report))
     return "\n".join(lines)
 
@@ -126,5 +185,6 @@ def write_plot(report: Dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["PLOT_INSTALL", "PlotUnavailable", "check_plot_available", "describe_job",
-           "describe_machine", "format_table", "paired_ratio", "write_plot"]
+__all__ = ["PLOT_INSTALL", "PlotUnavailable", "check_plot_available", "cost_growth",
+           "describe_job", "describe_machine", "fit_cost", "format_table", "paired_ratio",
+           "write_plot"]

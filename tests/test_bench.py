@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import bench_checks
-from moe_a2a.bench_report import format_table, paired_ratio
+from moe_a2a.bench_report import fit_cost, format_table, paired_ratio
 from moe_a2a.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,8 +86,12 @@ def test_registered_backends_and_layouts(pool2):
         dict(moe_a2a_backend="test_deepep_normal"),
         dict(moe_a2a_backend="test_deepep_ll", deepep_num_max_dispatch_tokens_per_rank=16),
         dict(moe_a2a_backend="test_fused", mega_moe_num_max_tokens_per_rank=16),
-    ], (4, 16), repeats=2, warmup=0)[0]
+    ], (1, 4, 16), repeats=2, warmup=0)[0]
     assert report["passed"] is True
+    growth = report["cost_growth"]  # three sizes: a fit per floor and per backend part
+    assert set(growth) == {"floor_a", "floor_b", "test_fused/total"} | {
+        f"{n}/{p}" for n in ("alltoall", "test_deepep_normal", "test_deepep_ll")
+        for p in ("comm", "total")}
     entry = report["results"][-1]
     for name in ("alltoall", "test_deepep_normal", "test_deepep_ll"):
         t = entry["backends"][name]
@@ -96,6 +100,16 @@ def test_registered_backends_and_layouts(pool2):
     assert fused["path"] == "fused" and fused["total_ms"] > 0
     assert fused["dispatch_ms"] is None and fused["ratio_floor_a"] is None
     assert report["backends"]["test_deepep_ll"]["class"] == "LowLatencyLayoutDispatcher"
+
+
+def test_cost_fit_recovers_a_line_and_the_slopes():
+    sizes = [1, 2, 4, 8, 1024, 2048]
+    fit = fit_cost(sizes, [5.0 + 0.04 * n for n in sizes])  # 5 ms fixed, 40 us per token
+    assert fit["fixed_ms"] == pytest.approx(5.0) and fit["per_token_us"] == pytest.approx(40.0)
+    assert fit["balance_tokens"] == pytest.approx(125.0)
+    assert fit["slope_small"] < 0.02 and 0.9 < fit["slope_large"] < 1.0
+    assert fit_cost([1, 2], [1.0, 2.0]) is None
+    assert paired_ratio([2.0, 9.0, 3.0], [1.0, 3.0, 3.0]) == 2.0  # same-round ratios 2, 3, 1
 
 
 @pytest.mark.multiproc
