@@ -100,34 +100,39 @@ def describe_job(report: Dict[str, Any]) -> str:
 def describe_machine(report: Dict[str, Any]) -> str:
     m = report["machine"]
     card = f", {m['card_count']} x {m['card']} ({m['card_memory_gib']} GiB)" if "card" in m else ""
+    load = (f", load average {m['load_average_1min']} at the end"
+            if "load_average_1min" in m else "")
     return (f"machine: {m['cpu']} ({m['cpu_count']} cores){card}; torch {m['torch']}, "
-            f"{m['torch_threads_per_rank']} thread(s) per rank")
+            f"{m['torch_threads_per_rank']} thread(s) per rank{load}")
 
 
 def format_table(report: Dict[str, Any]) -> str:
     """Rows per size: the floors, then each backend (parts, comm, ratios, tokens/s)."""
     head = ("tokens/rank", "subject", "dispatch", "experts", "combine", "total", "comm",
-            "comm/floor(a)", "comm/floor(b)", "tokens/s")
+            "comm/floor(a)", "comm/floor(b)", "best (a)", "best (b)", "tokens/s")
     rows: List[Tuple[str, ...]] = []
     for entry in report["results"]:
         n = str(entry["num_tokens"])
         fa, fb = entry["samples_ms"]["floor_a"], entry["samples_ms"]["floor_b"]
         rows.append((n, "floor (a)", "-", "-", "-", "-", _ms(entry["floor_a_ms"]), "1.00",
-                     _ratio(paired_ratio(fa, fb)), "-"))
+                     _ratio(paired_ratio(fa, fb)), "1.00", _ratio(min(fa) / min(fb)), "-"))
         rows.append((n, "floor (b)", "-", "-", "-", "-", _ms(entry["floor_b_ms"]),
-                     _ratio(paired_ratio(fb, fa)), "1.00", "-"))
+                     _ratio(paired_ratio(fb, fa)), "1.00", _ratio(min(fb) / min(fa)), "1.00", "-"))
         for name, t in entry["backends"].items():
+            comm = t["samples_ms"].get("comm")
             rows.append((n, name, _ms(t["dispatch_ms"]), _ms(t["experts_ms"]),
                          _ms(t["combine_ms"]), _ms(t["total_ms"]), _ms(t["comm_ms"]),
                          _ratio(t["ratio_floor_a"]), _ratio(t["ratio_floor_b"]),
+                         _ratio(comm and min(comm) / min(fa)), _ratio(comm and min(comm) / min(fb)),
                          f"{t['tokens_per_s']:.0f}"))
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = [describe_job(report)]
     lines += ["  ".join(c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in
                         enumerate(zip(r, widths))).rstrip() for r in [head, *rows]]
     lines.append("comm = dispatch -> combine with the experts skipped (what the floors measure); "
-                 "ratios: median over rounds of the same round's ratio; floor (a): gather + 2 "
-                 "all-to-all + weighted scatter-add; floor (b): all-gather + reduce-scatter")
+                 "ratios: median over rounds of the same round's ratio; best: fastest round over "
+                 "fastest round; floor (a): gather + 2 all-to-all + weighted scatter-add; "
+                 "floor (b): all-gather + reduce-scatter")
     lines += format_growth(report.get("cost_growth", {}))
     lines.append(describe_machine(report))
     return "\n".join(lines)

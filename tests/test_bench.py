@@ -54,6 +54,8 @@ def _check_report(report, backends, sizes, tp):
             # ratios from the same rounds of the same run
             assert t["ratio_floor_a"] == paired_ratio(t["samples_ms"]["comm"], fa)
             assert t["ratio_floor_b"] == paired_ratio(t["samples_ms"]["comm"], fb)
+            assert t["best_ratio_floor_a"] == min(t["samples_ms"]["comm"]) / min(fa)
+            assert t["best_ratio_floor_b"] == min(t["samples_ms"]["comm"]) / min(fb)
             assert t["tokens_per_s"] == pytest.approx(tp * entry["num_tokens"] / t["total_ms"] * 1e3)
             assert t["path"] == "dispatch"
 
