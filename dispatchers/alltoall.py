@@ -7,9 +7,11 @@ output back and sums the returns per token at the origin.
 Per step, over the EP group (which must be the whole world: ``ep_size == tp_size``,
 ``moe_tp_size == 1``):
 
-* dispatch: one ``all_to_all_single`` of ``[W]`` int64 counts, **one** device-to-host read
-  (send and receive splits together), one exact-split ``all_to_all_single`` of the hidden
-  states and one of the metadata (receiver-local ids and weights packed as float32);
+* dispatch: one ``all_to_all_single`` of ``[W]`` int64 counts (started asynchronously; on CPU,
+  where the host already has the send counts, the send side is built while it travels),
+  **one** device-to-host read (send and receive splits together), one exact-split
+  ``all_to_all_single`` of the hidden states and one of the metadata (receiver-local ids and
+  weights packed as float32), the two in flight together;
 * combine: one exact-split ``all_to_all_single`` back, then an fp32 ``index_add_`` in the
   original token order.
 
