@@ -144,6 +144,9 @@ def _exit_code(argv):
     (["--tp-size", "4", "--num-experts", "6"], "--num-experts 6 cannot be split"),
     (["--backends", "deepep"], "cannot run on cpu"),
     (["--plot", "/nonexistent-folder/x.png"], "does not exist"),
+    (["--enable-eplb"], "--enable-eplb: EPLB is not built by `moe-a2a bench`"),
+    (["--backends", "alltoall", "--enforce-shared-experts-fusion"], "not built by `moe-a2a bench`"),
+    (["--ep-szie", "2"], "did you mean"),
 ])
 def test_bad_input_exits_2(argv, message, capsys):
     assert _exit_code(["bench", "--quiet", *argv]) == 2

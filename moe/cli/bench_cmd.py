@@ -87,7 +87,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "server arguments", f"as for `moe-a2a config` (--moe-a2a-backend excepted: use "
         f"--backends); bench's own defaults: tp_size={BENCH_TP_SIZE}, dp_size=tp_size with "
         f"enable_dp_attention, ep_size=tp_size")
-    add_arguments(server)
+    add_arguments(server, strict_parser=p)
     p.set_defaults(handler=main)
     return p
 
@@ -102,10 +102,12 @@ def _resolve_all(ns: argparse.Namespace) -> List["ServerArgs"]:
     resolved = []
     with warnings.catch_warnings():  # printed once below, from args.warnings
         warnings.simplefilter("ignore")
+        # the job's size first (from --tp-size, its variable or bench's default), so that the
+        # defaults below can follow it
+        tp_only = argparse.Namespace(**{k: v for k, v in vars(ns).items() if k == "tp_size"})
+        tp = resolve_namespace(tp_only, defaults={"tp_size": BENCH_TP_SIZE}).tp_size
         for name in ns.backends:
             per_backend = argparse.Namespace(**{**vars(ns), "moe_a2a_backend": name})
-            first = resolve_namespace(per_backend, defaults={"tp_size": BENCH_TP_SIZE})
-            tp = first.tp_size
             defaults: Dict[str, Any] = {"tp_size": BENCH_TP_SIZE, "ep_size": tp}
             if getattr(ns, "enable_dp_attention", True) is not False:
                 defaults.update(enable_dp_attention=True, dp_size=tp)
@@ -113,8 +115,28 @@ def _resolve_all(ns: argparse.Namespace) -> List["ServerArgs"]:
     return resolved
 
 
+# Settings that change what a layer moves but that bench does not build (it times the plain
+# dispatch path with the identity remap): refusing beats timing something else than asked.
+NOT_BENCHED = (
+    ("enable_eplb", "EPLB"),
+    ("ep_num_redundant_experts", "redundant experts (EPLB)"),
+    ("enforce_shared_experts_fusion", "shared experts fused as top-k columns"),
+    ("enable_deepep_waterfill", "DeepEP waterfill"),
+    ("enable_return_routed_experts", "routed-experts capture"),
+)
+
+
+def _check_benched(args: "ServerArgs") -> None:
+    for field, what in NOT_BENCHED:
+        if getattr(args, field, None):
+            flag = "--" + field.replace("_", "-")
+            raise MoeA2AError(f"{flag}: {what} is not built by `moe-a2a bench` (it times the "
+                              f"dispatch path with logical = physical experts); drop {flag}, "
+                              f"or measure it with `moe-a2a run`")
+
+
 def _check_plan(ns: argparse.Namespace, all_args: List["ServerArgs"]):
-    from moe_a2a.cli.run_cmd import _check_capacity, _check_device, _check_supported, checked_shape
+    from moe_a2a.cli.run_cmd import _check_capacity, _check_device, checked_shape
     from moe_a2a.run_plan import ModelShape
 
     if ns.warmup < 0:
@@ -136,8 +158,8 @@ def _check_plan(ns: argparse.Namespace, all_args: List["ServerArgs"]):
                        num_layers=1, n_group=ns.n_group, topk_group=ns.topk_group)
     for args in all_args:
         _check_device(ns.device, args)
+        _check_benched(args)
         shape = checked_shape(shape, args)
-        _check_supported(args)
         _check_capacity(args, max(ns.num_tokens) * args.attn_tp_size)
     return shape
 
@@ -181,9 +203,7 @@ def main(ns: argparse.Namespace) -> int:
             print(f"moe-a2a: error: {exc}", file=sys.stderr)
             return EXIT_FAILED
     else:
-        if launch.world_size != tp:
-            raise MoeA2AError(f"torchrun started {launch.world_size} processes but --tp-size is "
-                              f"{tp}: use --nproc-per-node {tp} (x nodes)")
+        launch.check_world(tp)
         report = bench_rank(launch.rank, plan, "env://", launch.world_size, launch.local_rank)
         if launch.rank != 0:
             return 0 if report["passed"] else EXIT_FAILED
