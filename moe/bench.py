@@ -289,8 +289,14 @@ def bench_rank(rank: int, plan: BenchPlan, init_method: str, world_size: int,
         torch.cuda.set_device(device)
     # ranks share the host's cores (see moe_a2a.run.run_rank)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world_size)))
-    init_distributed(rank, world_size, backend=default_backend(device), init_method=init_method,
-                     device=device)
+    if world_size == 1 and not dist.is_initialized():
+        # the floors are plain torch.distributed calls: on one rank they still need a (1-rank)
+        # process group, where they degenerate to local copies
+        dist.init_process_group(backend=default_backend(device), init_method=init_method,
+                                rank=0, world_size=1)
+    else:
+        init_distributed(rank, world_size, backend=default_backend(device),
+                         init_method=init_method, device=device)
     try:
         return bench_on_group(plan, rank, world_size, device)
     finally:
@@ -347,7 +353,7 @@ def bench_on_group(plan: BenchPlan, rank: int, world_size: int,
         return {
             "machine": machine_description(device),
             "job": {"device": device.type,
-                    "dist_backend": str(dist.get_backend()) if world_size > 1 else "none",
+                    "dist_backend": str(dist.get_backend()) if dist.is_initialized() else "none",
                     "tp_size": world_size, "dtype": plan.dtype, "warmup": plan.warmup,
                     "repeats": plan.repeats, "seed": plan.seed, "checked": plan.check,
                     "shape": {"num_experts": plan.shape.num_experts, "top_k": plan.shape.top_k,

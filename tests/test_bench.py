@@ -81,6 +81,17 @@ def test_cli_json_and_plot_on_4_ranks(tmp_path):
 
 
 @pytest.mark.multiproc
+def test_cli_on_one_rank():
+    """One rank: the floors' collectives run on a 1-rank group (local copies)."""
+    proc = _bench("--tp-size", "1", "--num-tokens", "4", "--repeats", "1", "--warmup", "0",
+                  "--json", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["passed"] and report["job"]["tp_size"] == 1
+    assert report["results"][0]["backends"]["alltoall"]["ratio_floor_a"] > 0
+
+
+@pytest.mark.multiproc
 def test_registered_backends_and_layouts(pool2):
     """Any registered backend: the DeepEP normal and low-latency layouts, a fused backend."""
     report = pool2.run(bench_checks.bench_case, [
