@@ -1,4 +1,4 @@
-"""Model-shape flags shared by ``moe-a2a run`` and ``moe-a2a bench``."""
+"""The model-shape flags of ``moe-a2a bench`` (named as ``moe-a2a run``'s)."""
 
 from __future__ import annotations
 
