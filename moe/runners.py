@@ -49,17 +49,14 @@ class GroupedMMExperts:
 
     @classmethod
     def check_runnable(cls, device: torch.device, dtype: torch.dtype) -> Tuple[bool, str]:
+        """``(ok, reason)``: whether ``torch._grouped_mm`` runs here in ``dtype``, found out by
+        running a tiny one (what it accepts depends on the torch build and the GPU)."""
         if not hasattr(torch, "_grouped_mm"):
             return False, f"torch {torch.__version__} has no torch._grouped_mm (needs torch >= 2.8)"
-        if torch.device(device).type == "cuda":
-            if dtype not in (torch.bfloat16,):
-                return False, (f"torch._grouped_mm on CUDA takes bfloat16 weights, got {dtype}; "
-                               f"fix: --dtype bfloat16 or --moe-runner-backend reference")
-            major, _ = torch.cuda.get_device_capability(torch.device(device))
-            if major < 9:
-                return False, (f"torch._grouped_mm needs compute capability 9.0+ (found "
-                               f"{major}.x); fix: --moe-runner-backend reference")
-        return True, ""
+        key = (str(torch.device(device)), dtype)
+        if key not in _PROBED:
+            _PROBED[key] = _probe(torch.device(device), dtype)
+        return _PROBED[key]
 
     def __call__(self, out: DispatchOutput, weights: LocalExpertWeights) -> torch.Tensor:
         for cls in type(out).__mro__:
@@ -128,6 +125,22 @@ class GroupedMMExperts:
         DeepEPNormalOutput: _deepep_normal,
         DeepEPLowLatencyOutput: _deepep_low_latency,
     }
+
+
+_PROBED: Dict[Tuple[str, torch.dtype], Tuple[bool, str]] = {}
+
+
+def _probe(device: torch.device, dtype: torch.dtype) -> Tuple[bool, str]:
+    try:
+        x = torch.ones(32, 32, device=device, dtype=dtype)
+        w = torch.ones(2, 32, 32, device=device, dtype=dtype)
+        offsets = torch.tensor([16, 32], device=device, dtype=torch.int32)
+        torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+    except Exception as exc:  # the build or the GPU refuses this dtype: say so, exactly
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        return False, (f"torch._grouped_mm refuses {dtype} on {device}: {first}; fix: --dtype "
+                       f"bfloat16, or --moe-runner-backend reference")
+    return True, ""
 
 
 def _check(x: torch.Tensor, w: LocalExpertWeights) -> None:
