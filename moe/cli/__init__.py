@@ -43,6 +43,17 @@ def clip_words(text: str) -> str:
     return _LONG_WORD.sub(lambda m: f"{m.group(0)[:100]}...({len(m.group(0))} chars)", str(text))
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to a flag's help only where it says something: not for a None or
+    False default, nor when the help already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default:" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors with one line and exit 2 (its default status too)."""
 
