@@ -7,7 +7,7 @@ one message. Every message names the value seen, the constraint it broke and the
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 
 class BackendError(ValueError):
@@ -23,7 +23,15 @@ class ReservedBackendNameError(InvalidBackendError):
 
 
 class BackendConflictError(InvalidBackendError):
-    """A different backend is already registered under the same name."""
+    """A different backend is already registered under the same name.
+
+    Attributes (None when raised without them): ``backend_name``, ``existing`` (the registered
+    spec) and ``rejected`` (the spec that was refused).
+    """
+
+    backend_name: Optional[str] = None
+    existing: Optional[object] = None
+    rejected: Optional[object] = None
 
 
 class UnknownBackendError(BackendError):
@@ -49,6 +57,20 @@ class BackendEntryPointError(UnknownBackendError):
         self.entry_point = entry_point
         self.distribution = distribution
         self.value = value
+
+
+class EntryPointConflictError(BackendEntryPointError, BackendConflictError):
+    """Two installed distributions provide the same backend name with different specs.
+
+    The name stays unavailable (every lookup raises this error) until one of them is removed;
+    ``distributions`` names both.
+    """
+
+    def __init__(self, message: str, *, entry_point: str, distributions: Tuple[Optional[str], ...],
+                 value: str) -> None:
+        super().__init__(message, entry_point=entry_point, distribution=distributions[-1],
+                         value=value)
+        self.distributions = distributions
 
 
 class BackendUnavailableError(BackendError):

@@ -14,12 +14,20 @@ first listing), and :func:`load_entry_points` is idempotent: an entry point alre
 never loaded again, so calling it in every worker process is safe. A broken entry point never
 breaks lookups of other names: its error (naming the distribution and the entry point) is
 recorded, raised when its name is requested, and listed by ``available_backends``.
+
+Loading third-party code is guarded: whatever an entry point raises while it is imported or
+called (``SystemExit`` included; ``KeyboardInterrupt`` excepted) becomes its recorded error, and
+what it prints goes to stderr (stdout stays clean for ``--json``). A name that two installed
+distributions provide with different specs is unavailable, with an error naming both, until one
+of them is removed: which one wins must not depend on ``sys.path`` order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.metadata
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +51,7 @@ from moe_a2a.backends.builtins import BUILTIN_SPECS
 from moe_a2a.backends.errors import (
     BackendConflictError,
     BackendEntryPointError,
+    EntryPointConflictError,
     InvalidBackendError,
     ReservedBackendNameError,
     UnknownBackendError,
@@ -68,6 +77,8 @@ class _State:
     errors: Dict[str, BackendEntryPointError]
     loaded: Set[Tuple[Optional[str], str, str]]
     scanned: bool
+    origins: Dict[str, Tuple[Optional[str], str, str]]
+    conflicts: Dict[str, EntryPointConflictError]
 
 
 class BackendRegistry:
@@ -85,6 +96,11 @@ class BackendRegistry:
         self._loaded: Set[Tuple[Optional[str], str, str]] = set()
         self._scanned = False
         self._loading: Optional[str] = None  # source label of the entry point being loaded
+        self._loading_origin: Optional[Tuple[Optional[str], str, str]] = None
+        # name -> (distribution, entry point, value) of names registered by an entry point
+        self._origins: Dict[str, Tuple[Optional[str], str, str]] = {}
+        # names two distributions provide differently: unavailable until one is removed
+        self._conflicts: Dict[str, EntryPointConflictError] = {}
         for spec in builtins:
             self._specs[spec.name] = spec
             self._sources[spec.name] = "builtin"
@@ -104,6 +120,8 @@ class BackendRegistry:
                 f"fix: build one with BackendSpec(...) or use register_backend(...)"
             )
         with self._lock:
+            if spec.name in self._conflicts:
+                raise self._conflicts[spec.name]
             existing = self._specs.get(spec.name)
             if existing is not None and existing.same_entry(spec):
                 return existing
@@ -119,9 +137,13 @@ class BackendRegistry:
                     f"own backends; fix: leave builtin=False"
                 )
             if existing is not None:
-                raise BackendConflictError(_conflict_message(existing, spec, self._sources, source))
+                error = BackendConflictError(_conflict_message(existing, spec, self._sources, source))
+                error.backend_name, error.existing, error.rejected = spec.name, existing, spec
+                raise error
             self._specs[spec.name] = spec
             self._sources[spec.name] = self._loading or source or "register_backend"
+            if self._loading_origin is not None:
+                self._origins[spec.name] = self._loading_origin
             return spec
 
     # -- lookup ---------------------------------------------------------------------------
@@ -197,11 +219,42 @@ class BackendRegistry:
                     continue
                 self._loaded.add(key)  # before loading: a broken one is recorded once, not retried
                 try:
-                    self._load_one(ep, dist)
-                except Exception as exc:
-                    err = _entry_point_error(ep, dist, exc)
-                    self._errors.setdefault(_safe_key(ep.name), err)
+                    # third-party code: its prints must not reach stdout (``--json``)
+                    with contextlib.redirect_stdout(sys.stderr):
+                        self._load_one(ep, dist)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:  # SystemExit too: a plugin never ends the caller
+                    if not self._record_conflict(ep, dist, exc):
+                        err = _entry_point_error(ep, dist, exc)
+                        self._errors.setdefault(_safe_key(ep.name), err)
             return [self._errors[k] for k in sorted(self._errors)]
+
+    def _record_conflict(self, ep: Any, dist: Optional[str], exc: BaseException) -> bool:
+        """Two distributions provide one name with different specs: withdraw it, naming both."""
+        if not isinstance(exc, BackendConflictError) or isinstance(exc, EntryPointConflictError):
+            return False
+        name = exc.backend_name
+        first = self._origins.get(name) if name else None
+        if first is None or exc.existing is None or exc.rejected is None:
+            return False  # the name came from register_backend in code, not a distribution
+        a, b = exc.existing.to_dict(), exc.rejected.to_dict()
+        differ = ", ".join(f"{k}: {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b[k])
+        first_dist, first_ep, first_value = first
+        error = EntryPointConflictError(
+            f"backend {name!r} is provided by two installed distributions with different specs: "
+            f"{first_dist!r} (entry point {first_ep!r} = {first_value!r}) and {dist!r} (entry "
+            f"point {ep.name!r} = {ep.value!r}); differences: {differ}; {name!r} stays "
+            f"unavailable until one of them is removed; fix: uninstall one ("
+            + " or ".join(f"pip uninstall {d.split()[0]}" for d in (first_dist, dist) if d)
+            + ") or ask its authors to rename the backend",
+            entry_point=ep.name, distributions=(first_dist, dist), value=ep.value)
+        self._specs.pop(name, None)
+        self._sources.pop(name, None)
+        del self._origins[name]
+        self._conflicts[name] = error
+        self._errors[name] = error
+        return True
 
     def _load_one(self, ep: Any, dist: Optional[str]) -> None:
         name = validate_name(ep.name)
@@ -212,6 +265,7 @@ class BackendRegistry:
             )
         source = f"entry point {ep.name!r} of distribution {dist!r}"
         outer, self._loading = self._loading, source
+        outer_origin, self._loading_origin = self._loading_origin, (dist, ep.name, ep.value)
         try:
             obj = ep.load()
             if isinstance(obj, type):
@@ -244,16 +298,27 @@ class BackendRegistry:
                 )
             self.register(spec, source=source)
         finally:
-            self._loading = outer
+            self._loading, self._loading_origin = outer, outer_origin
 
     # -- state ----------------------------------------------------------------------------
 
     @contextmanager
-    def snapshot(self) -> Iterator["BackendRegistry"]:
-        """Restore every registration and entry-point record on exit (for tests)."""
+    def snapshot(self, *, builtins_only: bool = False) -> Iterator["BackendRegistry"]:
+        """Restore every registration and entry-point record on exit (for tests).
+
+        ``builtins_only``: inside, the registry holds the built-in backends alone and counts as
+        scanned (installed entry points are not loaded unless ``load_entry_points`` is called):
+        what tests and generated docs that describe moe-a2a itself need, whatever is installed.
+        """
         with self._lock:
             state = _State(dict(self._specs), dict(self._sources), dict(self._errors),
-                           set(self._loaded), self._scanned)
+                           set(self._loaded), self._scanned, dict(self._origins),
+                           dict(self._conflicts))
+            if builtins_only:
+                self._specs = {n: s for n, s in self._specs.items() if n in BUILTIN_NAMES}
+                self._sources = {n: self._sources[n] for n in self._specs}
+                self._errors, self._loaded, self._scanned = {}, set(), True
+                self._origins, self._conflicts = {}, {}
         try:
             yield self
         finally:
@@ -261,6 +326,7 @@ class BackendRegistry:
                 self._specs, self._sources = dict(state.specs), dict(state.sources)
                 self._errors, self._loaded = dict(state.errors), set(state.loaded)
                 self._scanned = state.scanned
+                self._origins, self._conflicts = dict(state.origins), dict(state.conflicts)
 
     def _unknown_message(self, asked: Any, key: str) -> str:
         registered = list(self._specs)
@@ -322,13 +388,22 @@ def _safe_key(name: str) -> str:
 
 def _entry_point_error(ep: Any, dist: Optional[str], exc: BaseException) -> BackendEntryPointError:
     where = f"distribution {dist!r}" if dist else "an unknown distribution"
-    detail = str(exc) if isinstance(exc, InvalidBackendError) else f"{type(exc).__name__}: {exc}"
+    detail = str(exc) if isinstance(exc, InvalidBackendError) else describe_load_failure(exc)
     return BackendEntryPointError(
         f"backend entry point {ep.name!r} = {ep.value!r} (group {ENTRY_POINT_GROUP!r}, {where}) "
         f"failed to load: {detail}; backend {ep.name!r} is unavailable; fix that distribution "
         f"(or uninstall it)",
         entry_point=ep.name, distribution=dist, value=ep.value,
     )
+
+
+def describe_load_failure(exc: BaseException) -> str:
+    """What third-party code did when it failed to load, on one line (cut to a sane length)."""
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r}) while being loaded"
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= 500 else f"{text[:480]}... ({len(text)} chars)"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _conflict_message(
@@ -466,14 +541,17 @@ def entry_point_errors() -> List[BackendEntryPointError]:
     return REGISTRY.entry_point_errors()
 
 
-def registry_snapshot() -> ContextManager[BackendRegistry]:
+def registry_snapshot(*, builtins_only: bool = False) -> ContextManager[BackendRegistry]:
     """Context manager restoring the registry on exit::
 
         with registry_snapshot():
             register_backend("tmp", ...)
         # "tmp" is gone again
+
+    ``builtins_only=True`` also hides every other backend inside the block (installed
+    third-party ones included), e.g. for tests that describe the built-ins alone.
     """
-    return REGISTRY.snapshot()
+    return REGISTRY.snapshot(builtins_only=builtins_only)
 
 
 __all__ = [
@@ -481,6 +559,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "REGISTRY",
     "backend_names",
+    "describe_load_failure",
     "entry_point_errors",
     "get_backend",
     "list_backends",

@@ -71,6 +71,7 @@ class BenchPlan:
         seed: weights and inputs. dtype: activation and expert dtype name. device: cpu / cuda.
         check: compare outputs with the reference before timing.
         progress: rank 0 reports progress on stderr.
+        plugins: ``--plugin`` modules every rank imports first (they register backends).
     """
 
     backends: Tuple[str, ...]
@@ -84,6 +85,7 @@ class BenchPlan:
     device: str = "cpu"
     check: bool = True
     progress: bool = True
+    plugins: Tuple[str, ...] = ()  # --plugin modules, imported on every rank
 
 
 # ------------------------------------------------------------------------------ machine
@@ -281,7 +283,9 @@ def bench_rank(rank: int, plan: BenchPlan, init_method: str, world_size: int,
     """One spawned (or torchrun) rank of ``moe-a2a bench``: join the process group, measure
     (``bench_on_group``), leave. Returns the report (identical on every rank)."""
     from moe_a2a.parallel import default_backend, destroy_distributed, init_distributed
+    from moe_a2a.plugins import load_plugins
 
+    load_plugins(plan.plugins)  # backends registered by --plugin modules
     device = torch.device(plan.device)
     if device.type == "cuda":
         local = rank if local_rank is None else local_rank

@@ -67,6 +67,9 @@ def load_hf_config(path_or_dict: Union[str, Path, Mapping[str, Any], Any]):
     supported = ", ".join(HF_MODEL_TYPES)
     if isinstance(path_or_dict, transformers.PretrainedConfig):
         _check_model_type(getattr(path_or_dict, "model_type", None), "the given config")
+        _check_int_sizes({key: getattr(path_or_dict, key) for key, _ in
+                          _INT_SIZES[path_or_dict.model_type] if hasattr(path_or_dict, key)},
+                         path_or_dict.model_type, "the given config")
         return path_or_dict
     if isinstance(path_or_dict, Mapping):
         data: Dict[str, Any] = dict(path_or_dict)
@@ -93,10 +96,46 @@ def load_hf_config(path_or_dict: Union[str, Path, Mapping[str, Any], Any]):
         )
     model_type = data.pop("model_type", None)
     _check_model_type(model_type, where)
+    _check_int_sizes(data, model_type, where)
     try:
         return transformers.AutoConfig.for_model(model_type, **data)
-    except (TypeError, ValueError) as exc:
-        raise MoeA2AError(f"{where}: transformers rejected the {model_type} config ({exc})") from exc
+    except Exception as exc:  # transformers' validation errors have no common base class
+        detail = " ".join(str(exc).split())
+        detail = detail if len(detail) <= 300 else detail[:280] + "..."
+        raise MoeA2AError(f"{where}: transformers rejected the {model_type} config "
+                          f"({type(exc).__name__}: {detail}); fix: edit the config") from None
+
+
+#: Integer sizes per model type, checked before transformers sees them (``8.0``, ``"eight"`` or
+#: ``true`` is not an expert count): (config key, smallest valid value).
+_INT_SIZES = {
+    "deepseek_v3": (("hidden_size", 1), ("n_routed_experts", 1), ("moe_intermediate_size", 1),
+                    ("num_experts_per_tok", 1), ("n_group", 1), ("topk_group", 1),
+                    ("n_shared_experts", 0)),
+    "qwen3_moe": (("hidden_size", 1), ("num_experts", 1), ("moe_intermediate_size", 1),
+                  ("num_experts_per_tok", 1)),
+    "mixtral": (("hidden_size", 1), ("num_local_experts", 1), ("intermediate_size", 1),
+                ("num_experts_per_tok", 1)),
+}
+
+
+_JSON_TYPES = {str: "string", float: "number with a fraction", bool: "boolean", list: "array",
+               dict: "object"}
+
+
+def _check_int_sizes(data: Mapping[str, Any], model_type: str, where: str) -> None:
+    for key, minimum in _INT_SIZES[model_type]:
+        if key not in data or data[key] is None:
+            continue
+        value = data[key]
+        text = json.dumps(value, default=repr)  # as written in the JSON file
+        shown = text if len(text) <= 60 else text[:50] + "..."
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MoeA2AError(f"{where}: {key}={shown} is a JSON {_JSON_TYPES.get(type(value), type(value).__name__)}, "
+                              f"not a whole number; fix: write it as a JSON integer, e.g. \"{key}\": 8")
+        if value < minimum:
+            raise MoeA2AError(f"{where}: {key}={value} is invalid: it must be >= {minimum}; "
+                              f"fix: edit the config")
 
 
 #: Config attribute names of (routed experts, per-expert intermediate size) per model type.
@@ -112,6 +151,19 @@ def moe_sizes(config) -> Tuple[int, int]:
     config = load_hf_config(config)
     experts_attr, inter_attr = _MOE_SIZE_ATTRS[config.model_type]
     return int(getattr(config, experts_attr)), int(getattr(config, inter_attr))
+
+
+def moe_shape(config) -> Dict[str, int]:
+    """The block's sizes, without building it: ``num_experts``, ``top_k``, ``hidden_size``,
+    ``intermediate_size`` (per expert) and ``shared_intermediate_size`` (0: none)."""
+    config = load_hf_config(config)
+    num_experts, inter = moe_sizes(config)
+    shared = 0
+    if config.model_type == "deepseek_v3":
+        shared = int(getattr(config, "n_shared_experts", 0) or 0) * inter
+    return {"num_experts": num_experts, "top_k": int(config.num_experts_per_tok),
+            "hidden_size": int(config.hidden_size), "intermediate_size": inter,
+            "shared_intermediate_size": shared}
 
 
 def _check_model_type(model_type: Optional[str], where: str) -> None:

@@ -7,6 +7,7 @@ variables are read once in ``moe_a2a.server_args.launch``.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
@@ -26,7 +27,7 @@ ParallelSizes = ParallelLayout
 
 
 def _new_groups(rank_lists: Sequence[Sequence[int]], rank: int, backend: Optional[str],
-                local_sync: bool):
+                local_sync: bool, timeout: Optional[datetime.timedelta] = None):
     """Create every group of one kind; return this rank's (None when it is in none, or when
     its group has one rank: size-1 groups communicate nothing and are never created).
 
@@ -39,14 +40,16 @@ def _new_groups(rank_lists: Sequence[Sequence[int]], rank: int, backend: Optiona
             continue
         if local_sync and rank not in ranks:
             continue
-        group = dist.new_group(list(ranks), backend=backend, use_local_synchronization=local_sync)
+        group = dist.new_group(list(ranks), backend=backend, use_local_synchronization=local_sync,
+                               timeout=timeout)
         if rank in ranks:
             mine = group
     return mine
 
 
 def build_comm_groups(sizes: ParallelSizes, rank: int, backend: Optional[str] = None,
-                      ranks: Optional[Sequence[int]] = None) -> CommGroups:
+                      ranks: Optional[Sequence[int]] = None,
+                      timeout_s: Optional[float] = None) -> CommGroups:
     """Create the sub-groups of this process's MoE job.
 
     Args:
@@ -57,6 +60,8 @@ def build_comm_groups(sizes: ParallelSizes, rank: int, backend: Optional[str] = 
             them); None means the whole default group, which must then have ``tp_size`` ranks.
             With a sub-group only the job's own ranks call this (other jobs of the same world
             build theirs independently).
+        timeout_s: how long a collective of the new groups may wait for a peer (None: torch's
+            default of 30 min, whatever the default group's timeout is).
     Returns:
         ``CommGroups`` whose ``rank`` is this process's index in the job.
     """
@@ -82,15 +87,17 @@ def build_comm_groups(sizes: ParallelSizes, rank: int, backend: Optional[str] = 
         ranks = list(range(world))
     local = ranks.index(rank)
     layout = sizes.layout_groups() if world > 1 else {}
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
     groups = {kind: _new_groups([[ranks[i] for i in g] for g in lists], rank, backend,
-                                local_sync=not full_world)
+                                local_sync=not full_world, timeout=timeout)
               for kind, lists in layout.items()}
     if world == 1:
         world_group = None
     elif full_world:
         world_group = dist.group.WORLD
     else:
-        world_group = dist.new_group(ranks, backend=backend, use_local_synchronization=True)
+        world_group = dist.new_group(ranks, backend=backend, use_local_synchronization=True,
+                                     timeout=timeout)
     atp, mtp = sizes.attn_tp_size, sizes.moe_tp_size
     return CommGroups(
         rank=local,
@@ -135,8 +142,6 @@ def init_distributed(rank: int, world_size: int, *, backend: str, init_method: s
     """
     if world_size == 1 or dist.is_initialized():
         return
-    import datetime
-
     kwargs = {"device_id": device} if device is not None and device.type == "cuda" else {}
     dist.init_process_group(backend=backend, init_method=init_method, rank=rank,
                             world_size=world_size,
@@ -148,10 +153,12 @@ def default_backend(device: torch.device) -> str:
 
 
 def make_parallel_context(sizes: ParallelSizes, rank: int, device: torch.device,
-                          ranks: Optional[Sequence[int]] = None) -> ParallelContext:
+                          ranks: Optional[Sequence[int]] = None,
+                          timeout_s: Optional[float] = None) -> ParallelContext:
     """This process's context: ``rank`` in the default group; ``ranks`` the job's ranks when
-    the MoE job runs on a sub-group of a larger world (see ``build_comm_groups``)."""
-    groups = build_comm_groups(sizes, rank, ranks=ranks)
+    the MoE job runs on a sub-group of a larger world; ``timeout_s`` the collective timeout of
+    the groups it creates (see ``build_comm_groups``)."""
+    groups = build_comm_groups(sizes, rank, ranks=ranks, timeout_s=timeout_s)
     return ParallelContext(sizes=sizes, groups=groups, device=device)
 
 

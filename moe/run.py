@@ -13,16 +13,17 @@ import os
 import socket
 import sys
 import time
-import traceback
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from moe_a2a.errors import MoeA2AError, user_error_types
+from moe_a2a.launcher import RankError, launch  # noqa: F401 - RankError: re-exported
 from moe_a2a.parallel import (ParallelSizes, default_backend, destroy_distributed, init_distributed,
                           make_parallel_context)
-from moe_a2a.run_plan import RunPlan
+from moe_a2a.plugins import load_plugins
+from moe_a2a.run_check import OutputCheck, tolerance  # noqa: F401 - tolerance: re-exported
+from moe_a2a.run_plan import RunPlan, derived_seed
 
 if TYPE_CHECKING:
     from moe_a2a.parallel import ParallelContext
@@ -32,19 +33,9 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def tolerance(dtype: torch.dtype, scale: float, fp8: bool = False) -> float:
-    """Allowed max abs error for outputs of magnitude ``scale`` (``fp8``: some path rounds
-    weights and activations to e4m3, 3 mantissa bits, twice per expert)."""
-    if fp8:
-        return 1e-1 * max(1.0, scale)
-    if dtype == torch.float32:
-        return 1e-4 * max(1.0, scale)
-    return 2.5e-2 * max(1.0, scale)
-
-
 def batch_sizes(plan: RunPlan, step: int, dp_size: int) -> List[int]:
     """Tokens per DP rank in ``step``: uneven, with empty ranks, reproducible from the seed."""
-    gen = torch.Generator().manual_seed(plan.seed * 7919 + step)
+    gen = torch.Generator().manual_seed(derived_seed(plan.seed, 7919, step))
     sizes = torch.randint(0, plan.num_tokens + 1, (dp_size,), generator=gen).tolist()
     phase = step % 4
     if phase == 0:
@@ -67,7 +58,7 @@ def step_forward_mode(step: int, dp_rank: int):
 
 
 def step_input(plan: RunPlan, step: int, dp_rank: int, num_tokens: int, hidden: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(plan.seed * 1_000_003 + step * 101 + dp_rank)
+    gen = torch.Generator().manual_seed(derived_seed(plan.seed, 1_000_003, step * 101 + dp_rank))
     return torch.randn(num_tokens, hidden, generator=gen)
 
 
@@ -101,7 +92,7 @@ def _build_stack(plan: RunPlan, args: "ServerArgs", ctx: "ParallelContext", dtyp
     shape = plan.shape
     all_weights, routers, oracles = [], [], []
     for layer_id in range(shape.num_layers):
-        seed = plan.seed * 1000 + layer_id
+        seed = derived_seed(plan.seed, 1000, layer_id)
         if shape.hf_config is not None:
             from moe_a2a.hf import build_hf_block, extract_moe, load_hf_config
 
@@ -127,14 +118,18 @@ def _build_stack(plan: RunPlan, args: "ServerArgs", ctx: "ParallelContext", dtyp
 
 
 def run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
-             local_rank: Optional[int] = None) -> Dict[str, Any]:
-    """One rank of the job. Returns the job's summary (the same on every rank)."""
+             local_rank: Optional[int] = None,
+             progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+    """One rank of the job. Returns the job's summary (the same on every rank).
+
+    ``progress(text)`` (from the launcher) hears how far the rank got."""
+    load_plugins(plan.plugins)  # backends registered by --plugin modules, before resolving
     if not plan.emulate_kernels:
-        return _run_rank(rank, plan, init_method, world_size, local_rank)
+        return _run_rank(rank, plan, init_method, world_size, local_rank, progress)
     from moe_a2a.testing.kernel_emulation import emulate_kernels
 
     with emulate_kernels(plan.emulate_kernels, compute_capability=plan.emulated_capability):
-        return _run_rank(rank, plan, init_method, world_size, local_rank)
+        return _run_rank(rank, plan, init_method, world_size, local_rank, progress)
 
 
 def _dispatch_modes(layers) -> Dict[str, int]:
@@ -147,9 +142,11 @@ def _dispatch_modes(layers) -> Dict[str, int]:
 
 
 def _run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
-              local_rank: Optional[int] = None) -> Dict[str, Any]:
+              local_rank: Optional[int] = None,
+              progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     from moe_a2a.server_args import ServerArgs
 
+    report = progress or (lambda what: None)
     args = ServerArgs.from_json(plan.args_json)
     dtype = DTYPES[plan.dtype]
     device = torch.device(plan.device)
@@ -161,23 +158,25 @@ def _run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
     # another rank launches kernels from
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world_size)))
     init_distributed(rank, world_size, backend=default_backend(device), init_method=init_method,
-                     device=device)
+                     device=device, timeout_s=plan.collective_timeout_s)
+    report("joined the process group")
     stack = None
     try:
         sizes = ParallelSizes.from_server_args(args)
-        ctx = make_parallel_context(sizes, rank, device)
+        ctx = make_parallel_context(sizes, rank, device, timeout_s=plan.collective_timeout_s)
         groups = ctx.groups
         capture = _capture_job(plan, args, groups)
         (stack, eplb), oracles = _build_stack(plan, args, ctx, dtype,
                                               capture=None if capture is None else capture.sizes)
         if eplb is not None and eplb.recorder is not None:
             eplb.recorder.start()  # the run reports what it recorded
+        report("built the layer stack")
         layers = stack.layers
-        max_err, max_scale, worst_ratio = 0.0, 0.0, 0.0
         tokens, timed_tokens, ep_seconds = 0, 0, 0.0
         hidden_size = layers[0].gate.shape[1]
         fp8 = any(getattr(layer.fused, "fp8", False) or getattr(layer.dispatcher, "fp8", False)
                   for layer in layers)
+        check = OutputCheck(dtype, rank, world_size, fp8=fp8)
         for step in range(plan.steps):
             dp_sizes = batch_sizes(plan, step, groups.dp_size)
             num_tokens = dp_sizes[groups.dp_rank]
@@ -189,22 +188,17 @@ def _run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
             stack.begin_step(num_tokens, step_forward_mode(step, groups.dp_rank),
                              token_slots=None if capture is None
                              else capture.step_slots(step).to(device))
-            for column, (layer, oracle) in enumerate(zip(layers, oracles)):
+            for layer_id, (layer, oracle) in enumerate(zip(layers, oracles)):
                 if capture is not None:
-                    capture.expect(step, column, oracle, h)
+                    capture.expect(step, layer_id, oracle, h)
                 start = time.perf_counter()
                 out = layer(h)
                 _sync(device)
                 if timed:
                     ep_seconds += time.perf_counter() - start
                 if num_tokens:
-                    ref = oracle(h.float())
-                    err = (out.float() - ref).abs().max().item()
-                    scale = ref.abs().max().item()
-                else:
-                    err = scale = 0.0
-                max_err, max_scale = max(max_err, err), max(max_scale, scale)
-                worst_ratio = max(worst_ratio, err / tolerance(dtype, scale, fp8))
+                    check.compare(step, layer_id, h, out, oracle(h.float()))
+                report(f"step {step}, layer {layer_id}")
                 h = h + out
             stack.end_step()
             if groups.attn_tp_rank == 0:
@@ -212,15 +206,16 @@ def _run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
                 timed_tokens += num_tokens if timed else 0
             if plan.progress and rank == 0:
                 print(f"[moe-a2a run] step {step + 1}/{plan.steps}: tokens per DP rank {dp_sizes}, "
-                      f"max abs err so far {max_err:.3g}", file=sys.stderr, flush=True)
-        maxed = torch.tensor([max_err, max_scale, worst_ratio, ep_seconds], dtype=torch.float64)
+                      f"max abs err so far {check.max_err:.3g}", file=sys.stderr, flush=True)
+        verdict = check.summary(device)
+        maxed = torch.tensor([ep_seconds], dtype=torch.float64)
         summed = torch.tensor([tokens, timed_tokens], dtype=torch.float64)
         if world_size > 1:
             if device.type == "cuda":  # nccl reduces device tensors only
                 maxed, summed = maxed.to(device), summed.to(device)
             dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
             dist.all_reduce(summed)
-        max_err, max_scale, worst_ratio, ep_seconds = maxed.tolist()
+        (ep_seconds,) = maxed.tolist()
         total_tokens, timed_tokens = summed.tolist()
         extra = {}
         if eplb is not None:  # collective: every rank dumps the recorder
@@ -233,9 +228,8 @@ def _run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
                           world_size=world_size, device=device, output=plan.routed_experts_output,
                           rank=rank)
         return {
-            "passed": worst_ratio <= 1.0 and not captured.get("routed_experts_failures"),
-            "max_abs_err": max_err,
-            "tolerance": tolerance(dtype, max_scale, fp8),
+            **verdict,
+            "passed": verdict["passed"] and not captured.get("routed_experts_failures"),
             "fp8": fp8,
             "reference": "transformers" if plan.shape.hf_config else "single_process",
             "backend": args.moe_a2a_backend,
@@ -284,69 +278,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _spawned_rank(rank: int, plan: Any, init_method: str, world_size: int, results,
-                  rank_fn: Callable[..., Dict[str, Any]]) -> None:
-    try:
-        results.put((rank, "ok", rank_fn(rank, plan, init_method, world_size)))
-    except user_error_types() as exc:
-        results.put((rank, "user_error", str(exc)))
-    except BaseException:
-        results.put((rank, "error", traceback.format_exc()))
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-class RankError(RuntimeError):
-    """A rank crashed (not a user error): the message holds its traceback."""
+#: Beyond --collective-timeout, how long the parent waits for any rank's progress before it
+#: declares the job stuck (the ranks' own collective timeouts fire first and say more).
+STALL_MARGIN_S = 15.0
 
 
-def spawn_job(plan: Any, world_size: int, timeout_s: float = 3600.0,
-              rank_fn: Optional[Callable[..., Dict[str, Any]]] = None) -> Dict[str, Any]:
-    """Run ``world_size`` local ranks and return rank 0's summary.
+def spawn_job(plan: Any, world_size: int, timeout_s: Optional[float] = None,
+              rank_fn: Optional[Callable[..., Dict[str, Any]]] = None, *,
+              debug: bool = False) -> Dict[str, Any]:
+    """Run ``world_size`` local ranks (``moe_a2a.launcher``) and return rank 0's result.
 
     ``rank_fn(rank, plan, init_method, world_size)`` is one rank's job (a module-level
     function, picklable for spawn); ``run_rank`` by default (``moe-a2a bench`` passes its own).
+    ``run_rank`` reports progress, so a stuck rank is found after ``plan.collective_timeout_s``
+    (+ a margin); a ``rank_fn`` that reports none gets ``timeout_s`` (default 3600 s) of
+    silence. Raises ``RankError`` naming a failed rank, ``MoeA2AError`` for bad input found on
+    the ranks, ``KeyboardInterrupt``/``JobInterrupted`` when stopped; no rank outlives the call.
     """
-    import queue
-
-    import torch.multiprocessing as mp
-
     init_method = f"tcp://127.0.0.1:{free_port()}"
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_spawned_rank, args=(r, plan, init_method, world_size, results,
-                                                         rank_fn or run_rank))
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
-    outcome: Dict[int, Tuple[str, Any]] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(outcome) < world_size:
-            try:
-                rank, kind, value = results.get(timeout=5.0)
-                outcome[rank] = (kind, value)
-                if kind != "ok":
-                    break  # the others may wait in a collective forever: stop them
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in outcome]
-                if dead or time.monotonic() > deadline:
-                    raise RankError(f"ranks {dead} exited without a result (killed or crashed)"
-                                    if dead else f"no result within {timeout_s:.0f} s")
-    finally:
-        for p in procs:
-            if p.is_alive() and any(k != "ok" for k, _ in outcome.values()):
-                p.kill()
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    for rank, (kind, value) in sorted(outcome.items()):
-        if kind == "user_error":
-            raise MoeA2AError(value)
-        if kind == "error":
-            raise RankError(f"rank {rank} failed:\n{value}")
-    return outcome[0][1]
+    if rank_fn is None:
+        stall = plan.collective_timeout_s + STALL_MARGIN_S if timeout_s is None else timeout_s
+        results = launch(run_rank, world_size, (plan, init_method, world_size),
+                         stall_timeout_s=stall, debug=debug)
+    else:
+        silence = 3600.0 if timeout_s is None else timeout_s
+        results = launch(_silent_rank, world_size, (rank_fn, plan, init_method, world_size),
+                         stall_timeout_s=silence, startup_timeout_s=silence, debug=debug)
+    return results[0]
+
+
+def _silent_rank(rank: int, rank_fn: Callable[..., Dict[str, Any]], *args: Any,
+                 progress: Callable[[str], None]) -> Dict[str, Any]:
+    """A rank function that reports no progress, under the launcher."""
+    progress("started")
+    return rank_fn(rank, *args)

@@ -33,6 +33,7 @@ from moe_a2a.routed_experts import (CaptureSizes, RequestRows, RoutedExpertsCapt
                                     RoutedExpertsRequest, capture_sizes)
 from moe_a2a.routed_experts_wire import decode_routed_experts
 from moe_a2a.routing import RouterConfig, route
+from moe_a2a.run_plan import derived_seed
 
 #: Selection scores (sigmoid or softmax, plus bias; values around 1) within this count as a tie.
 TIE_TOL = 1e-5
@@ -65,7 +66,7 @@ class SimRequest:
 def simulate_requests(step_tokens: Sequence[int], *, seed: int, dp_rank: int,
                       max_step: int) -> List[SimRequest]:
     """Requests whose new (not prefix-cached) positions add up to ``sum(step_tokens)``."""
-    gen = torch.Generator().manual_seed(seed * 65_537 + dp_rank * 613 + 17)
+    gen = torch.Generator().manual_seed(derived_seed(seed, 65_537, dp_rank * 613 + 17))
 
     def draw(low: int, high: int) -> int:
         return int(torch.randint(low, high + 1, (1,), generator=gen))
@@ -93,7 +94,7 @@ class RequestTable:
     def __init__(self, requests: Sequence[SimRequest], *, seed: int, dp_rank: int) -> None:
         fresh = sum(r.length - r.shared for r in requests)
         self.num_slots = fresh + SPARE_SLOTS
-        gen = torch.Generator().manual_seed(seed * 7_919 + dp_rank)
+        gen = torch.Generator().manual_seed(derived_seed(seed, 7_919, dp_rank))
         pool = torch.randperm(self.num_slots, generator=gen)
         width = max((r.length for r in requests), default=0) + 1
         #: [requests, max_length + 1] int64 KV slot of each position, -1 where none

@@ -6,6 +6,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+#: ``--seed`` takes any unsigned 64-bit value; per-step and per-layer seeds derive from it
+#: modulo 2**63 (what ``torch.Generator.manual_seed`` takes without overflow).
+SEED_BITS = 64
+_DERIVED_MODULUS = 1 << 63
+
+#: ``--collective-timeout`` default: generous for slow CPU ranks, still finite.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
+
+
+def derived_seed(seed: int, multiplier: int, offset: int) -> int:
+    """``seed * multiplier + offset``, kept in range for ``torch.Generator.manual_seed``
+    (unchanged for every seed small enough not to overflow)."""
+    return (seed * multiplier + offset) % _DERIVED_MODULUS
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -41,3 +55,5 @@ class RunPlan:
     # capability they report off GPU
     emulate_kernels: Tuple[str, ...] = ()
     emulated_capability: Tuple[int, int] = (10, 0)
+    collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S  # process-group timeout
+    plugins: Tuple[str, ...] = ()  # --plugin modules, imported on every rank

@@ -22,6 +22,7 @@ from moe_a2a.server_args.fields import FIELDS, FieldSpec
 from moe_a2a.server_args.launch import LaunchEnv, read_launch_env
 from moe_a2a.server_args.layout import ParallelLayout
 from moe_a2a.server_args.model import Decision, ServerArgs
+from moe_a2a.server_args.plugin_env import PLUGINS_VAR, plugin_module_names, read_plugins_env
 from moe_a2a.server_args.resolve import resolve
 from moe_a2a.server_args.sources import PRECEDENCE, Source, SourceKind
 from moe_a2a.server_args.validate import batch_capacity_error
@@ -34,6 +35,7 @@ __all__ = [
     "FIELDS",
     "FieldSpec",
     "LaunchEnv",
+    "PLUGINS_VAR",
     "PRECEDENCE",
     "ParallelLayout",
     "REMOVAL_RELEASE",
@@ -44,7 +46,9 @@ __all__ = [
     "batch_capacity_error",
     "explicit_values",
     "help_text",
+    "plugin_module_names",
     "read_launch_env",
+    "read_plugins_env",
     "resolve",
     "resolve_namespace",
 ]

@@ -20,6 +20,7 @@ from moe_a2a.server_args.fields import (
     SPELLING_FLAGS,
     FieldSpec,
     SpellingFlag,
+    format_value,
 )
 from moe_a2a.server_args.model import ServerArgs
 from moe_a2a.server_args.sglang import (
@@ -43,14 +44,21 @@ GROUP_TITLES: Mapping[str, str] = MappingProxyType({
 })
 
 
-def flag_help(spec: FieldSpec) -> str:
-    """The ``--help`` line: meaning, choices, default and the environment variable."""
+def flag_help(spec: FieldSpec, default: Any = argparse.SUPPRESS) -> str:
+    """The ``--help`` line: meaning, choices, default and the environment variable.
+
+    ``default`` replaces the field's own default in the text (a command with defaults of its
+    own, such as ``moe-a2a run``)."""
     parts = [spec.help]
     if spec.choices:
         parts.append(f"choices: {', '.join(spec.choices)}")
     if spec.range_text:
         parts.append(f"range: {spec.range_text}")
-    parts.append(f"default: {spec.default_text()}")
+    if default is argparse.SUPPRESS:
+        parts.append(f"default: {spec.default_text()}")
+    else:
+        parts.append(f"default: {format_value(default)} here ({spec.default_text()} in "
+                     f"`moe-a2a config`)")
     if spec.auto:
         parts.append(f"auto: {spec.auto}")
     parts.append(f"env: {spec.env}")
@@ -67,7 +75,8 @@ Container = Union[argparse.ArgumentParser, "argparse._ArgumentGroup"]
 
 
 def add_arguments(parser: Container, *,
-                  strict_parser: Optional[argparse.ArgumentParser] = None) -> Container:
+                  strict_parser: Optional[argparse.ArgumentParser] = None,
+                  defaults: Optional[Mapping[str, Any]] = None) -> Container:
     """Add every server flag (with aliases and SGLang's spellings) to ``parser``.
 
     ``parser`` is an ``ArgumentParser`` (the flags are then sorted into titled groups) or an
@@ -76,8 +85,11 @@ def add_arguments(parser: Container, *,
     already has are left to it); ``resolve_namespace`` reports those given in one warning.
     A near-miss of one of our flags (``--ep-szie``) is a did-you-mean ConfigError when parsed
     by ``strict_parser`` (default: ``parser`` itself, when it is an ``ArgumentParser``; pass the
-    group's parser when ``parser`` is a group). Returns ``parser``.
+    group's parser when ``parser`` is a group). ``defaults`` (field -> value) are the
+    command's own defaults, shown in ``--help`` (pass the same mapping to ``resolve_namespace``).
+    Returns ``parser``.
     """
+    defaults = dict(defaults or {})
     groups: Dict[str, Any] = {}
 
     def group(key: str) -> Any:
@@ -88,7 +100,8 @@ def add_arguments(parser: Container, *,
         return groups[key]
 
     for spec in FIELDS:
-        kwargs: Dict[str, Any] = dict(dest=spec.name, default=argparse.SUPPRESS, help=flag_help(spec))
+        kwargs: Dict[str, Any] = dict(dest=spec.name, default=argparse.SUPPRESS,
+                                      help=flag_help(spec, defaults.get(spec.name, argparse.SUPPRESS)))
         if spec.type is bool:
             # --flag / --no-flag: the negative form overrides a MOE_A2A_* variable
             kwargs["action"] = argparse.BooleanOptionalAction

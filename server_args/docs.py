@@ -298,14 +298,20 @@ _BLOCK_RE = re.compile(
 
 
 def update(text: str) -> str:
-    """``text`` with every generated block replaced by its current content."""
+    """``text`` with every generated block replaced by its current content.
+
+    Generated from moe-a2a's own backends only: backends of installed plugins never reach the
+    docs (the registry is narrowed to the built-ins meanwhile)."""
+    from moe_a2a.backends import registry_snapshot
+
     def replace(match: "re.Match[str]") -> str:
         name = match.group("name")
         if name not in BLOCKS:
             raise KeyError(f"unknown generated block {name!r}; known: {', '.join(BLOCKS)}")
         return match.group(1) + BLOCKS[name]() + "\n" + match.group(4)
 
-    return _BLOCK_RE.sub(replace, text)
+    with registry_snapshot(builtins_only=True):
+        return _BLOCK_RE.sub(replace, text)
 
 
 def block_names(text: str) -> List[str]:

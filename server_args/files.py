@@ -95,6 +95,27 @@ def check_expert_location_json(obj: dict, what: str) -> None:
             f"{what} has keys {keys} but needs one of {', '.join(EXPERT_LOCATION_KEYS)}; fix: "
             f"give physical_to_logical_map ([layers][physical slots] of logical ids) or "
             f"logical_count ([layers][experts] of token counts)")
+    for key in EXPERT_LOCATION_KEYS:
+        if key in obj:
+            _check_layer_table(obj[key], key, what)
+
+
+def _check_layer_table(table: object, key: str, what: str) -> None:
+    """``[layers][columns]`` of non-negative whole numbers, every layer as long as the first."""
+    shape = "[layers][physical slots] of logical expert ids" if key == EXPERT_LOCATION_KEYS[0] \
+        else "[layers][experts] of token counts"
+    fix = f"fix: give {key} as {shape}, non-negative integers, every layer the same length"
+    if not isinstance(table, list) or not table or not all(isinstance(r, list) for r in table):
+        raise ConfigError(f"{what}: {key} is {clip(repr(table))}, not a non-empty list of "
+                          f"lists; {fix}")
+    width = len(table[0])
+    for layer, row in enumerate(table):
+        if len(row) != width or not row:
+            raise ConfigError(f"{what}: {key}[{layer}] has {len(row)} entries, layer 0 has "
+                              f"{width}; {fix}")
+        for col, value in enumerate(row):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{what}: {key}[{layer}][{col}] is {clip(repr(value))}; {fix}")
 
 
 def load_expert_location(value: str, given: str) -> str:

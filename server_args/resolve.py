@@ -54,6 +54,7 @@ from moe_a2a.server_args.fields import (
 )
 from moe_a2a.server_args.files import load_deepep_config, load_expert_location
 from moe_a2a.server_args.model import Decision, ServerArgs
+from moe_a2a.server_args.plugin_env import PROCESS_VARIABLES
 from moe_a2a.server_args.sglang import unused_sglang_vars
 from moe_a2a.server_args.sources import (
     AUTO,
@@ -292,7 +293,7 @@ def _env_layer(b: _Builder, inputs: _Inputs) -> None:
         if raw is not None:
             b.put(spec.name, spec.convert(raw, f"{spec.env}={shown(raw)}"),
                   Source(SourceKind.ENV, spec.env))
-    for message in unknown_moe_env(inputs.env, FIELDS_BY_ENV):
+    for message in unknown_moe_env(inputs.env, {**FIELDS_BY_ENV, **PROCESS_VARIABLES}):
         b.warn(message)
 
 

@@ -38,7 +38,7 @@ FAKE_MODULES = ("moe_a2a_fake_backend", "moe_a2a_broken_backend")
 
 @pytest.fixture(autouse=True)
 def clean_registry():
-    with registry_snapshot():
+    with registry_snapshot(builtins_only=True):  # nothing loaded, whatever is installed
         yield
 
 
@@ -202,10 +202,42 @@ def test_conflict_between_distributions(monkeypatch):
     _use_entry_points(monkeypatch, [a, b])
     (err,) = load_entry_points()
     msg = str(err)
-    assert err.distribution == "dist-b 2.0"
-    assert "'pkg.mod:D'" in msg and "'other.mod:E'" in msg
-    assert "entry point 'shared' of distribution 'dist-a 1.0'" in msg
-    assert get_backend("shared").dispatcher == "pkg.mod:D"  # the first stays usable
+    assert isinstance(err, backends.BackendConflictError) and isinstance(err, BackendEntryPointError)
+    assert err.distributions == ("dist-a 1.0", "dist-b 2.0")
+    assert "two installed distributions with different specs: 'dist-a 1.0'" in msg
+    assert "and 'dist-b 2.0'" in msg and "'pkg.mod:D'" in msg and "'other.mod:E'" in msg
+    assert "pip uninstall dist-a or pip uninstall dist-b" in msg
+    # neither wins by sys.path order: the name is unavailable until one is removed
+    for _ in range(2):
+        with pytest.raises(BackendEntryPointError) as info:
+            get_backend("shared")
+        assert info.value is err
+    with pytest.raises(backends.BackendConflictError):  # nor can code claim it meanwhile
+        backends.register_backend("shared", "x.y:Z", token_layout="scattered", ep_policy="tp")
+    _use_entry_points(monkeypatch, [a])  # dist-b removed: the name is dist-a's again
+    with registry_snapshot(builtins_only=True):
+        load_entry_points()
+        assert get_backend("shared").dispatcher == "pkg.mod:D"
+
+
+def test_conflict_between_distributions_decorated_classes(monkeypatch):
+    """The decorator form: the second distribution's import raises inside register()."""
+    from noop_dispatcher import NoopDispatcher
+
+    def import_module_registering(dispatcher_path):
+        def load():
+            cls = type("Dec", (NoopDispatcher,), {"__module__": dispatcher_path})
+            return backends.register_backend("dup", token_layout="scattered", ep_policy="tp")(cls)
+        return load
+
+    a = FakeEP("dup", "pa.mod:Dec", None, SimpleNamespace(name="dist-a", version="1.0"))
+    b = FakeEP("dup", "pb.mod:Dec", None, SimpleNamespace(name="dist-b", version="1.0"))
+    a.load, b.load = import_module_registering("pa.mod"), import_module_registering("pb.mod")
+    _use_entry_points(monkeypatch, [a, b])
+    (err,) = load_entry_points()
+    assert err.distributions == ("dist-a 1.0", "dist-b 1.0")
+    with pytest.raises(BackendEntryPointError):
+        get_backend("dup")
 
 
 def test_identical_entry_in_two_distributions_is_fine(monkeypatch):

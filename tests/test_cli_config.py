@@ -183,24 +183,24 @@ def test_process_bad_backend_exit_2_without_traceback():
 
 
 def test_process_entry_point_backend_resolves(tmp_path):
-    pkg = tmp_path / "fake_a2a_pkg"
+    pkg = tmp_path / "cfg_ep_pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text(textwrap.dedent("""
         from moe_a2a.backends import BackendSpec
 
         def spec():
-            return BackendSpec(name="fake_a2a", dispatcher="fake_a2a_pkg.dispatch:FakeDispatcher",
+            return BackendSpec(name="cfg_ep_a2a", dispatcher="cfg_ep_pkg.dispatch:FakeDispatcher",
                                token_layout="scattered", ep_policy="tp",
                                cuda_graph_modes=("default",))
     """))
-    dist = tmp_path / "fake_a2a-1.0.dist-info"
+    dist = tmp_path / "cfg_ep_a2a-1.0.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-a2a\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[moe_a2a.backends]\nfake_a2a = fake_a2a_pkg:spec\n")
-    proc = _process(["--moe-a2a-backend", "fake_a2a", "--tp-size", "2", "--json"], pythonpath=[tmp_path])
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cfg-ep-a2a\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[moe_a2a.backends]\ncfg_ep_a2a = cfg_ep_pkg:spec\n")
+    proc = _process(["--moe-a2a-backend", "cfg_ep_a2a", "--tp-size", "2", "--json"], pythonpath=[tmp_path])
     assert proc.returncode == 0, proc.stderr
     obj = json.loads(proc.stdout)
-    assert obj["args"]["moe_a2a_backend"] == "fake_a2a" and obj["args"]["ep_size"] == 2
+    assert obj["args"]["moe_a2a_backend"] == "cfg_ep_a2a" and obj["args"]["ep_size"] == 2
     assert obj["args"]["disable_cuda_graph"] is False  # its spec says it can be captured
 
 

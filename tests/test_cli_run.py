@@ -153,7 +153,7 @@ def test_torchrun_two_processes():
     (["--moe-a2a-backend", "megamoe", "--tp-size", "2", "--num-tokens", "2000"],
      "--moe-a2a-backend megamoe cannot run on cpu"),
     (["--steps", "0"], "--steps 0 is invalid: it must be >= 1"),
-    (["--num-tokens", "-1"], "--num-tokens -1 is invalid: it must be >= 0"),
+    (["--num-tokens", "-1"], "--num-tokens -1 is invalid: it must be >= 1"),
     (["--top-k", "17"], "--top-k 17 exceeds --num-experts 16"),
     (["--moe-a2a-backend", "none", "--tp-size", "4", "--intermediate-size", "30"],
      "--intermediate-size 30 cannot be split over moe_tp_size 4"),

@@ -115,7 +115,8 @@ def test_combine_output_is_checked():
     layer = stack.layers[0]
     real = layer.dispatcher.combine
     for bad, want in ((lambda ci, batch: real(ci, batch=batch)[:1], r"shape \(1, 16\) instead of \(5, 16\)"),
-                      (lambda ci, batch: real(ci, batch=batch).double(), "dtype torch.float64")):
+                      (lambda ci, batch: real(ci, batch=batch).double(), "dtype torch.float64"),
+                      (lambda ci, batch: real(ci, batch=batch).to("meta"), "device meta instead of cpu")):
         layer.dispatcher.combine = bad
         with pytest.raises(MoeA2AError, match=want), stack.step(5):
             layer(torch.randn(5, 16))

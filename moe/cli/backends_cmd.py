@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from moe_a2a import backends
 from moe_a2a.backends.spec import DEVICES
+from moe_a2a.plugins import add_plugin_argument
 
 _CAPABILITY_FIELDS = ("dispatcher", "token_layout", "ep_policy", "fused_experts", "modes",
                       "cuda_graph_modes", "devices", "requires", "min_compute_capability",
@@ -45,6 +46,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    choices=["sm90", "sm100"],
                    help="check availability with moe_a2a.testing's emulations of deep_ep and "
                         "deep_gemm installed (what `moe-a2a run --emulate-kernels` uses)")
+    add_plugin_argument(p)
     p.set_defaults(handler=main)
     return p
 

@@ -9,12 +9,15 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
+from moe_a2a.cli import DefaultsHelpFormatter
 from moe_a2a.errors import MoeA2AError
+from moe_a2a.plugins import add_plugin_argument
 
 if TYPE_CHECKING:
     from moe_a2a.server_args import ServerArgs
 
 EXIT_FAILED = 1
+EXIT_RANK_FAILED = 3  # as moe-a2a run (docs/reliability.md)
 
 # bench's own defaults (an env var still overrides them, a flag always does): 4 ranks, and
 # every rank owning its own tokens (DP attention over all ranks) with the experts spread over
@@ -62,7 +65,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "spans all ranks (--dp-size = --tp-size) and --ep-size = --tp-size. Outputs are "
             "checked against a single-process reference first. Exit 0 on success, 1 when a "
             "backend's output is wrong, 2 on bad input."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     bench = p.add_argument_group("benchmark")
     bench.add_argument("--backends", type=_name_list, default="none,alltoall",
                        metavar="NAME[,NAME...]",
@@ -72,8 +75,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3, help="unrecorded rounds per size")
     bench.add_argument("--repeats", type=int, default=10, help="recorded rounds per size (median)")
     bench.add_argument("--seed", type=int, default=0, help="weights and inputs")
-    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="activation and expert dtype")
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                       help="cpu (gloo) or cuda (nccl, one GPU per rank)")
     bench.add_argument("--no-check", dest="check", action="store_false",
                        help="skip the check of every output against the reference")
     bench.add_argument("--json", action="store_true",
@@ -87,7 +92,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "server arguments", f"as for `moe-a2a config` (--moe-a2a-backend excepted: use "
         f"--backends); bench's own defaults: tp_size={BENCH_TP_SIZE}, dp_size=tp_size with "
         f"enable_dp_attention, ep_size=tp_size")
-    add_arguments(server, strict_parser=p)
+    add_arguments(server, strict_parser=p, defaults={"tp_size": BENCH_TP_SIZE})
+    add_plugin_argument(p)
     p.set_defaults(handler=main)
     return p
 
@@ -190,7 +196,8 @@ def main(ns: argparse.Namespace) -> int:
     plan = BenchPlan(backends=tuple(ns.backends), args_json=tuple(a.to_json() for a in all_args),
                      shape=shape, num_tokens=tuple(ns.num_tokens), warmup=ns.warmup,
                      repeats=ns.repeats, seed=ns.seed, dtype=ns.dtype, device=ns.device,
-                     check=ns.check, progress=not ns.quiet)
+                     check=ns.check, progress=not ns.quiet,
+                     plugins=tuple(getattr(ns, "plugins", ())))
     launch = read_launch_env()
     if launch is None:
         if not ns.quiet:
@@ -201,7 +208,7 @@ def main(ns: argparse.Namespace) -> int:
             report = run_bench(plan, tp)
         except RankError as exc:
             print(f"moe-a2a: error: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+            return EXIT_RANK_FAILED
     else:
         launch.check_world(tp)
         report = bench_rank(launch.rank, plan, "env://", launch.world_size, launch.local_rank)

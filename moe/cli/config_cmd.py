@@ -14,6 +14,7 @@ import sys
 import warnings
 from typing import Any, List
 
+from moe_a2a.plugins import add_plugin_argument
 from moe_a2a.server_args import ServerArgs, add_arguments, resolve_namespace
 from moe_a2a.server_args.fields import FIELDS, format_value
 
@@ -32,6 +33,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help='print one JSON object {"args", "decisions", "warnings", "sources", '
                         '"derived"} instead of the table')
+    add_plugin_argument(p)
     add_arguments(p)
     p.set_defaults(handler=main)
     return p

@@ -19,6 +19,8 @@ import subprocess
 import sys
 from typing import Any, Dict, List, Optional
 
+from moe_a2a.plugins import add_plugin_argument
+
 KERNEL_PACKAGES = ("deep_ep", "deep_gemm")
 NVSHMEM_DISTRIBUTIONS = ("nvidia-nvshmem-cu13", "nvidia-nvshmem-cu12", "nvshmem")
 
@@ -31,6 +33,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "capability and links, deep_ep / deep_gemm / NVSHMEM versions, and each "
                     "registered backend's availability with the real reason. Exit 0.")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_plugin_argument(p)
     p.set_defaults(handler=main)
     return p
 

@@ -13,18 +13,24 @@ from moe_a2a.cli import kernel_options
 from moe_a2a.errors import MoeA2AError
 
 if TYPE_CHECKING:  # the CLI imports the server-args model lazily
-    from moe_a2a.run_plan import ModelShape
-    from moe_a2a.server_args import ServerArgs
+    from moe_a2a.run_plan import ModelShape, RunPlan
+    from moe_a2a.server_args import LaunchEnv, ServerArgs
 
 # What ``moe-a2a run`` does with no flags: a demo on several CPU ranks over the torch-native
 # all-to-all. These count as defaults (an env var or legacy variable still overrides them).
 RUN_DEFAULTS = {"moe_a2a_backend": "alltoall", "tp_size": 4}
 
 EXIT_MISMATCH = 1
+EXIT_RANK_FAILED = 3
+
+# Shape flags an --hf-config replaces: given with it, they would be silently ignored.
+SHAPE_FLAGS = ("num_experts", "top_k", "hidden_size", "intermediate_size",
+               "shared_intermediate_size", "n_group", "topk_group")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from moe_a2a.run_plan import ModelShape, RunPlan
+    from moe_a2a.plugins import add_plugin_argument
+    from moe_a2a.run_plan import DEFAULT_COLLECTIVE_TIMEOUT_S, ModelShape, RunPlan
     from moe_a2a.server_args import add_arguments
 
     shape, plan = ModelShape(), RunPlan(args_json="", shape=ModelShape())
@@ -35,52 +41,72 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "build a DeepSeek-style MoE layer stack (grouped top-k with correction bias, one shared "
             "expert), run forward steps with uneven per-rank batches including empty ranks, and "
             "check every layer's output against a single-process reference. Exit 0 when all checks "
-            "pass, 1 on a mismatch, 2 on bad input. With no flags: the alltoall backend on 4 CPU "
-            "ranks."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    model = p.add_argument_group("model shape")
-    model.add_argument("--num-experts", type=int, default=shape.num_experts, help="routed experts")
-    model.add_argument("--top-k", type=int, default=shape.top_k, help="experts per token")
+            "pass, 1 on a mismatch (a non-finite output counts as one), 2 on bad input, 3 when a "
+            "rank failed (crashed, killed or timed out), 130 when interrupted. With no flags: the "
+            "alltoall backend on 4 CPU ranks."),
+        allow_abbrev=False)
+    model = p.add_argument_group("model shape (not with --hf-config, which sets the shape)")
+    model.add_argument("--num-experts", type=int, default=None,
+                       help=f"routed experts (default: {shape.num_experts})")
+    model.add_argument("--top-k", type=int, default=None,
+                       help=f"experts per token (default: {shape.top_k})")
     model.add_argument("--hidden-size", type=int, default=None,
-                       help=f"default: {shape.hidden_size}, or the smallest size the backend's "
-                            f"kernels accept")
+                       help=f"hidden size of the tokens (default: {shape.hidden_size}, or the "
+                            f"smallest size the backend's kernels accept)")
     model.add_argument("--intermediate-size", type=int, default=None,
-                       help=f"per-expert intermediate size (split over moe-TP ranks); default: "
-                            f"{shape.intermediate_size}, or what the backend's kernels accept")
+                       help=f"per-expert intermediate size, split over moe-TP ranks (default: "
+                            f"{shape.intermediate_size}, or what the backend's kernels accept)")
     model.add_argument("--shared-intermediate-size", type=int, default=None,
                        help="shared expert intermediate size; 0 = no shared expert "
                             "(default: --intermediate-size, i.e. one shared expert)")
-    model.add_argument("--num-layers", type=int, default=shape.num_layers)
+    model.add_argument("--num-layers", type=int, default=shape.num_layers,
+                       help=f"MoE layers in the stack (default: {shape.num_layers})")
     model.add_argument("--n-group", type=int, default=None,
                        help="expert groups for grouped top-k (default: adapts to --num-experts)")
     model.add_argument("--topk-group", type=int, default=None,
                        help="groups kept per token (default: adapts to --num-experts/--top-k)")
     model.add_argument("--hf-config", metavar="FILE", default=None,
                        help="a transformers config JSON (deepseek_v3, qwen3_moe, mixtral): run that "
-                            "model's MoE block and check against transformers' own forward")
+                            "model's MoE block and check against transformers' own forward "
+                            "(default: the DeepSeek-style shape above)")
     job = p.add_argument_group("job")
     job.add_argument("--num-tokens", type=int, default=plan.num_tokens,
-                     help="largest batch one DP rank gets in a step")
-    job.add_argument("--steps", type=int, default=plan.steps)
-    job.add_argument("--seed", type=int, default=plan.seed)
+                     help=f"largest batch one DP rank gets in a step, >= 1 (default: "
+                          f"{plan.num_tokens})")
+    job.add_argument("--steps", type=int, default=plan.steps,
+                     help=f"forward steps; the first warms up and is not timed when there are "
+                          f"more (default: {plan.steps})")
+    job.add_argument("--seed", type=int, default=plan.seed,
+                     help=f"seed of weights, inputs and batch sizes, 0..2**64-1 (default: "
+                          f"{plan.seed})")
     job.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                     help="default: float32, or the dtype the backend's kernels take "
-                          "(bfloat16 for deepep and megamoe)")
-    job.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+                     help="dtype of the layers; the reference runs in float32 (default: float32, "
+                          "or the dtype the backend's kernels take: bfloat16 for deepep and "
+                          "megamoe)")
+    job.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                     help="cpu (gloo) or cuda (nccl, one GPU per rank) (default: cpu)")
+    job.add_argument("--collective-timeout", type=float, default=DEFAULT_COLLECTIVE_TIMEOUT_S,
+                     metavar="SECONDS",
+                     help=f"how long a rank may wait for its peers in a collective before the "
+                          f"job fails with exit 3 naming the stuck rank (default: "
+                          f"{DEFAULT_COLLECTIVE_TIMEOUT_S:.0f})")
     job.add_argument("--routing-skew", type=float, default=plan.routing_skew, metavar="S",
                      help="add S to the router's correction bias of a few seeded experts (E/8): "
                           "skewed expert load for EPLB to rebalance (built-in shape only)")
     kernel_options.add_arguments(job)
     job.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     job.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    job.add_argument("--debug", action="store_true",
+                     help="when a rank fails, also print its traceback (and a stuck rank's stack)")
     job.add_argument("--routed-experts-output", metavar="PATH", default=None,
                      help="with --enable-return-routed-experts: write every simulated request's "
                           "routed experts (wire-format blobs, base64) with an index to this JSON "
                           "file")
+    add_plugin_argument(job)
     server = p.add_argument_group(
         "server arguments", "as for `moe-a2a config`; run's own defaults: "
         + ", ".join(f"{k}={v}" for k, v in RUN_DEFAULTS.items()))
-    add_arguments(server, strict_parser=p)
+    add_arguments(server, strict_parser=p, defaults=RUN_DEFAULTS)
     p.set_defaults(handler=main)
     return p
 
@@ -253,6 +279,8 @@ def _check_device(device: str, args: "ServerArgs") -> None:
 
 
 def _describe(summary: Dict[str, Any]) -> str:
+    from moe_a2a.run_check import describe_nonfinite
+
     verdict = "PASSED" if summary["passed"] else "FAILED"
     eplb = summary.get("eplb")
     tail = ""
@@ -262,7 +290,7 @@ def _describe(summary: Dict[str, Any]) -> str:
                 f"{len(eplb.get('rebalances', []))} rebalances; GPU utilisation (mean/max load) "
                 f"{eplb['utilization_before']:.3f} before"
                 + (f", {after:.3f} after" if after is not None else ""))
-    return (
+    text = (
         f"{verdict}: backend {summary['backend']} on {summary['tp_size']} {summary['device']} ranks "
         f"({summary['dist_backend']}): attn_tp {summary['attn_tp_size']} x dp "
         f"{summary['dp_size'] if summary['enable_dp_attention'] else 1}, ep {summary['ep_size']}, "
@@ -271,6 +299,9 @@ def _describe(summary: Dict[str, Any]) -> str:
         f"  max abs err {summary['max_abs_err']:.3g} (tolerance {summary['tolerance']:.3g}, "
         f"reference: {summary['reference']}); {summary['tokens_per_s']:.1f} tokens/s through the "
         f"layer stack{tail}" + _describe_capture(summary) + _describe_kernels(summary))
+    if summary.get("nonfinite"):
+        text += "\n  " + describe_nonfinite(summary["nonfinite"], summary["dtype"])
+    return text
 
 
 def _describe_capture(summary: Dict[str, Any]) -> str:
@@ -297,11 +328,56 @@ def _describe_kernels(summary: Dict[str, Any]) -> str:
     return "\n  kernels: " + ", ".join(parts)
 
 
+def _model_shape(ns: argparse.Namespace) -> "ModelShape":
+    """The shape from the flags; with --hf-config the config sets it, and a shape flag given
+    too is refused (it would be silently ignored)."""
+    from moe_a2a.run_plan import ModelShape
+
+    if ns.hf_config:
+        given = [f"--{name.replace('_', '-')}" for name in SHAPE_FLAGS
+                 if getattr(ns, name) is not None]
+        if given:
+            raise MoeA2AError(f"--hf-config {ns.hf_config} sets the model shape, so "
+                              f"{', '.join(given)} would be ignored; fix: drop "
+                              f"{'it' if len(given) == 1 else 'them'}, or edit the config")
+        return ModelShape(num_layers=ns.num_layers, hf_config=ns.hf_config)
+    base = ModelShape()
+    sizes = {name: getattr(ns, name) for name in SHAPE_FLAGS if getattr(ns, name) is not None}
+    if "shared_intermediate_size" not in sizes:  # one shared expert of the routed size
+        sizes["shared_intermediate_size"] = sizes.get("intermediate_size", base.intermediate_size)
+    return dataclasses.replace(base, num_layers=ns.num_layers, **sizes)
+
+
+def _preflight(ns: argparse.Namespace, shape: "ModelShape", args: "ServerArgs", dtype: str,
+               local_ranks: int) -> None:
+    """Whether the job fits this machine's memory (no rank is started for one that cannot)."""
+    from moe_a2a import preflight
+
+    if shape.hf_config:
+        from moe_a2a.hf import moe_shape
+
+        sizes = moe_shape(shape.hf_config)
+    else:
+        sizes = {k: getattr(shape, k) for k in ("num_experts", "top_k", "hidden_size",
+                                                "intermediate_size", "shared_intermediate_size")}
+    preflight.check_memory(preflight.ModelSize(num_layers=shape.num_layers, **sizes),
+                           ns.num_tokens, dtype, args.ep_size,
+                           args.attn_dp_size if args.enable_dp_attention else 1,
+                           local_ranks, ns.device)
+
+
 def main(ns: argparse.Namespace) -> int:
-    from moe_a2a.run import RankError, run_rank, spawn_job
-    from moe_a2a.run_plan import ModelShape, RunPlan
+    from moe_a2a import preflight
+    from moe_a2a.launcher import RankError
+    from moe_a2a.run_plan import RunPlan
     from moe_a2a.server_args import read_launch_env, resolve_namespace
 
+    _check_positive("--num-tokens", ns.num_tokens, 1)
+    _check_positive("--steps", ns.steps, 1)
+    _check_positive("--num-layers", ns.num_layers, 1)
+    preflight.check_seed(ns.seed)
+    preflight.check_collective_timeout(ns.collective_timeout)
+    launch = read_launch_env()  # torchrun's variables: malformed ones are bad input (exit 2)
     with warnings.catch_warnings():  # printed once below, from args.warnings
         warnings.simplefilter("ignore")
         # EPLB rebalances halfway through the run unless told otherwise
@@ -309,18 +385,10 @@ def main(ns: argparse.Namespace) -> int:
         args = resolve_namespace(ns, defaults=defaults)
     for warning in args.warnings:
         print(f"moe-a2a: warning: {warning}", file=sys.stderr)
-    base = ModelShape()
-    hidden = base.hidden_size if ns.hidden_size is None else ns.hidden_size
-    inter = base.intermediate_size if ns.intermediate_size is None else ns.intermediate_size
-    shape = ModelShape(
-        num_experts=ns.num_experts, top_k=ns.top_k, hidden_size=hidden, intermediate_size=inter,
-        shared_intermediate_size=(inter if ns.shared_intermediate_size is None
-                                  else ns.shared_intermediate_size),
-        num_layers=ns.num_layers, n_group=ns.n_group, topk_group=ns.topk_group,
-        hf_config=ns.hf_config)
+    if launch is None:  # the local ranks this machine can run, before anything is sized by them
+        preflight.check_local_ranks(args.tp_size, ns.device)
+    shape = _model_shape(ns)
     shape, dtype, run_decisions = kernel_options.fit_shape(ns, args, shape)
-    _check_positive("--num-tokens", ns.num_tokens, 0)
-    _check_positive("--steps", ns.steps, 1)
     if shape.hf_config:
         _check_hf_shape(shape.hf_config, args)
         if ns.routing_skew:
@@ -332,6 +400,7 @@ def main(ns: argparse.Namespace) -> int:
     _check_routed_experts_output(ns.routed_experts_output, args)
     _check_capacity(args, ns.num_tokens)
     emulation = kernel_options.emulation_plan(ns.emulate_kernels, args, ns.device)
+    _preflight(ns, shape, args, dtype, args.tp_size if launch is None else 1)
     with kernel_options.emulated(emulation):
         _check_device(ns.device, args)
     plan = RunPlan(args_json=args.to_json(), shape=shape, num_tokens=ns.num_tokens,
@@ -339,28 +408,22 @@ def main(ns: argparse.Namespace) -> int:
                    progress=not ns.quiet, routing_skew=_checked_skew(ns.routing_skew),
                    routed_experts_output=ns.routed_experts_output,
                    emulate_kernels=emulation.packages,
-                   emulated_capability=emulation.compute_capability)
-    launch = read_launch_env()
-    if launch is None:
-        if not ns.quiet and emulation.active:
-            print(f"[moe-a2a run] {', '.join(emulation.packages)}: moe_a2a.testing emulation "
-                  f"(same API, real token movement, no kernels)", file=sys.stderr, flush=True)
-        if not ns.quiet:
-            print(f"[moe-a2a run] backend {args.moe_a2a_backend}: starting {args.tp_size} local "
-                  f"{ns.device} ranks, {ns.steps} steps x {shape.num_layers} layers, up to "
-                  f"{ns.num_tokens} tokens per DP rank", file=sys.stderr, flush=True)
-        try:
-            summary = spawn_job(plan, args.tp_size)
-        except RankError as exc:
-            print(f"moe-a2a: error: {exc}", file=sys.stderr)
-            return EXIT_MISMATCH
-    else:
-        launch.check_world(args.tp_size)
-        # env://, not launch.init_method: under torchrun the agent already serves the store
-        # at MASTER_PORT, and env:// joins it
-        summary = run_rank(launch.rank, plan, "env://", launch.world_size, launch.local_rank)
-        if launch.rank != 0:
-            return 0 if summary["passed"] else EXIT_MISMATCH  # rank 0 reports for the job
+                   emulated_capability=emulation.compute_capability,
+                   collective_timeout_s=ns.collective_timeout,
+                   plugins=tuple(getattr(ns, "plugins", ())))
+    if launch is None and not ns.quiet and emulation.active:
+        print(f"[moe-a2a run] {', '.join(emulation.packages)}: moe_a2a.testing emulation "
+              f"(same API, real token movement, no kernels)", file=sys.stderr, flush=True)
+    try:
+        summary = _run(plan, args, launch, ns)
+    except RankError as exc:  # one line; the ranks' tracebacks with --debug
+        hint = " (--debug prints the ranks' tracebacks)" if exc.tracebacks() and not ns.debug else ""
+        print(f"moe-a2a: error: {exc}{hint}", file=sys.stderr)
+        if ns.debug and exc.tracebacks():
+            print(exc.tracebacks(), file=sys.stderr)
+        return EXIT_RANK_FAILED
+    if launch is not None and launch.rank != 0:  # rank 0 reports for the torchrun job
+        return 0 if summary["passed"] else EXIT_MISMATCH
     summary["decisions"] = [d.to_dict() if hasattr(d, "to_dict") else d for d in
                             args.explain().get("decisions", [])] + run_decisions
     summary["kernels"] = kernel_options.kernels_summary(emulation)
@@ -371,3 +434,23 @@ def main(ns: argparse.Namespace) -> int:
     else:
         print(_describe(summary))
     return 0 if summary["passed"] else EXIT_MISMATCH
+
+
+def _run(plan: "RunPlan", args: "ServerArgs", launch: Optional["LaunchEnv"],
+         ns: argparse.Namespace) -> Dict[str, Any]:
+    """Spawn the local ranks, or be one rank of a torchrun job; the job's summary."""
+    from moe_a2a.launcher import run_in_process
+    from moe_a2a.run import run_rank, spawn_job
+
+    if launch is None:
+        if not ns.quiet:
+            print(f"[moe-a2a run] backend {args.moe_a2a_backend}: starting {args.tp_size} local "
+                  f"{ns.device} ranks, {ns.steps} steps x {plan.shape.num_layers} layers, up to "
+                  f"{ns.num_tokens} tokens per DP rank", file=sys.stderr, flush=True)
+        return spawn_job(plan, args.tp_size, debug=ns.debug)
+    launch.check_world(args.tp_size)
+    # env://, not launch.init_method: under torchrun the agent already serves the store
+    # at MASTER_PORT, and env:// joins it
+    return run_in_process(run_rank, launch.rank,
+                          (plan, "env://", launch.world_size, launch.local_rank),
+                          rendezvous=f"{launch.master_addr}:{launch.master_port}")

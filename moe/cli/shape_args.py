@@ -11,7 +11,8 @@ def add_shape_arguments(group) -> None:
     shape = ModelShape()
     group.add_argument("--num-experts", type=int, default=shape.num_experts, help="routed experts")
     group.add_argument("--top-k", type=int, default=shape.top_k, help="experts per token")
-    group.add_argument("--hidden-size", type=int, default=shape.hidden_size)
+    group.add_argument("--hidden-size", type=int, default=shape.hidden_size,
+                       help="hidden size of the tokens")
     group.add_argument("--intermediate-size", type=int, default=shape.intermediate_size,
                        help="per-expert intermediate size (split over moe-TP ranks)")
     group.add_argument("--n-group", type=int, default=None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import tempfile
 import traceback
 from typing import Any, Callable, List
@@ -33,6 +34,10 @@ def _worker(rank: int, world_size: int, init_file: str, backend: str, timeout_s:
     import torch
     import torch.distributed as dist
 
+    from moe_a2a.launcher import die_with_parent
+
+    die_with_parent(os.getppid())  # a killed test session takes its pool with it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the session closes the pool
     torch.set_num_threads(1)
     dist.init_process_group(backend=backend, init_method=f"file://{init_file}", rank=rank,
                             world_size=world_size,
