@@ -253,6 +253,7 @@ def _run_rank(rank: int, plan: RunPlan, init_method: str, world_size: int,
             "layer_calls": stack.path_counts(),
             "dispatch_modes": _dispatch_modes(layers),
             "communicators": len(stack.communicators),
+            "runner": getattr(stack.layers[0].experts.runner, "name", type(stack.layers[0].experts.runner).__name__),
             **extra,
             **captured,
         }

@@ -14,6 +14,7 @@ import argparse
 import importlib
 import json
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -135,7 +136,8 @@ def probe_links(count: int) -> Dict[str, Any]:
     if smi:
         try:
             done = subprocess.run([smi, "topo", "-m"], capture_output=True, text=True, timeout=20)
-            links["nvidia_smi_topo"] = done.stdout.strip() or done.stderr.strip()
+            text = done.stdout.strip() or done.stderr.strip()
+            links["nvidia_smi_topo"] = re.sub(r"\x1b\[[0-9;]*m", "", text)  # no terminal styling
         except Exception as exc:
             links["nvidia_smi_topo"] = f"nvidia-smi topo -m failed: {_error(exc)}"
     return links
