@@ -13,7 +13,8 @@ Conventions a doc follows (docs/README.md states them for writers):
   ``minutes`` (a measurement: never run), or a Python module (``matplotlib``, ``deep_ep``).
   Other comment text is for readers.
 * A block whose first line is ``# needs: ...`` is skipped as a whole when that is unmet; in a
-  ``python`` block the same first-line comment skips that block.
+  ``python`` block the same first-line comment skips that block. A block whose first line is
+  ``# file: NAME`` is saved as NAME in the working directory of the doc's commands.
 * ``pip install`` lines set up an environment and are not run, except ``pip install
   ./examples/<dir>``, which the test installs into a private directory (never into the
   environment running the tests) for the doc's later commands.
@@ -24,7 +25,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -51,6 +52,14 @@ SETUP_PREFIXES = ("pip install", "python -m pip install", "python -m pytest", "g
 LOCAL_INSTALL = re.compile(r"^(?:python -m )?pip install (?:-e )?(?P<path>\.?/?examples/[\w./-]+)$")
 
 
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it."""
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 @dataclass(frozen=True)
 class Block:
     """One fenced block: ``lang`` is the first word of its info string."""
@@ -63,7 +72,7 @@ class Block:
 
     @property
     def where(self) -> str:
-        return f"{self.path.relative_to(ROOT)}:{self.line}"
+        return f"{shown(self.path)}:{self.line}"
 
     def first_comment(self) -> str:
         first = next((ln.strip() for ln in self.text.splitlines() if ln.strip()), "")
@@ -93,7 +102,7 @@ def blocks(path: Path) -> List[Block]:
             body.append(lines[j][len(indent):] if lines[j].startswith(indent) else lines[j].lstrip())
             j += 1
         else:
-            raise ValueError(f"{path.relative_to(ROOT)}:{i + 1}: fence {fence} is never closed")
+            raise ValueError(f"{shown(path)}:{i + 1}: fence {fence} is never closed")
         lang = info.split()[0] if info else ""
         out.append(Block(path=path, line=i + 2, lang=lang, info=info,
                          text="\n".join(body) + ("\n" if body else "")))
@@ -109,6 +118,18 @@ def block_needs(block: Block) -> Optional["Needs"]:
     """The ``# needs: ...`` of a block's first line, or None."""
     first = block.first_comment()
     return _markers(first)[1] if first.startswith("needs:") else None
+
+
+def block_file(block: Block) -> Optional[str]:
+    """The ``# file: NAME`` of a block's first line (the doc asks readers to save the block as
+    NAME; the command tests write it into the doc's working directory), or None."""
+    first = block.first_comment()
+    if not first.startswith("file:"):
+        return None
+    name = first[len("file:"):].strip()
+    if not re.fullmatch(r"[\w.-]+", name):
+        raise ValueError(f"{block.where}: `# file: {name}` must name a plain file")
+    return name
 
 
 # ---- commands ----------------------------------------------------------------------------
@@ -169,7 +190,7 @@ class Command:
 
     @property
     def where(self) -> str:
-        return f"{self.block.path.relative_to(ROOT)}:{self.line}"
+        return f"{shown(self.block.path)}:{self.line}"
 
 
 def _split_comment(line: str) -> Tuple[str, str]:
@@ -247,7 +268,7 @@ def commands(block: Block) -> List[Command]:
                 out.append(Command(block=block, line=line, text=part, kind="setup", needs=needs))
             else:
                 raise ValueError(
-                    f"{block.path.relative_to(ROOT)}:{line}: `{part}` is neither a command the tests run "
+                    f"{shown(block.path)}:{line}: `{part}` is neither a command the tests run "
                     f"(starting with {', '.join(RUN_PREFIXES)}) nor a set-up command; fix: "
                     f"mark the block with a first line `# needs: ...`, or extend "
                     f"tests/doc_blocks.py")

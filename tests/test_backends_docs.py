@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from doc_blocks import blocks, python_blocks
+from doc_blocks import block_file, blocks, python_blocks
 from moe_a2a import backends
 from moe_a2a.backends import ENTRY_POINT_GROUP, registry_snapshot
 from moe_a2a.backends import matrix
@@ -93,7 +93,9 @@ def test_custom_backend_md_entry_point_snippet():
 def test_example_package_is_the_documented_backend():
     """examples/custom_backend ships section 1's code unchanged, under section 4's entry point."""
     module = (EXAMPLE / "moe_a2a_local_only" / "dispatch.py").read_text(encoding="utf-8")
-    assert python_blocks(CUSTOM_MD)[0].text.strip() in module
+    first = python_blocks(CUSTOM_MD)[0]
+    code = first.text.split("\n", 1)[1] if block_file(first) else first.text  # minus `# file:`
+    assert code.strip() in module
     eps = tomllib.loads((EXAMPLE / "pyproject.toml").read_text(encoding="utf-8"))[
         "project"]["entry-points"][ENTRY_POINT_GROUP]
     assert eps == {"local_only": "moe_a2a_local_only.dispatch:LocalOnlyDispatcher"}

@@ -23,8 +23,8 @@ from typing import Dict, List, Tuple
 
 import pytest
 
-from doc_blocks import (ROOT, RUN_PREFIXES, SHELL_LANGS, Command, all_commands, blocks, dedupe,
-                        doc_files, shell_lines)
+from doc_blocks import (ROOT, RUN_PREFIXES, SHELL_LANGS, Command, all_commands, block_file, blocks,
+                        dedupe, doc_files, shell_lines)
 
 try:
     COMMANDS = all_commands()
@@ -112,7 +112,7 @@ def _can_build_offline() -> bool:
 class Workspace:
     """A scratch checkout for one doc's commands, with the examples it installed."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, doc: Path) -> None:
         self.root = root
         self.site = root / "_site"
         self.installed: Dict[str, Tuple[int, str]] = {}
@@ -123,6 +123,10 @@ class Workspace:
         shutil.copy(ROOT / "README.md", root / "README.md")
         for name in ("moe", "benchmarks"):
             (root / name).symlink_to(ROOT / name, target_is_directory=True)
+        for block in blocks(doc):  # files the doc asks readers to save
+            name = block_file(block)
+            if name:
+                (root / name).write_text(block.text, encoding="utf-8")
 
     def env(self, extra: Tuple[Tuple[str, str], ...] = ()) -> Dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED_ENV_PREFIXES)}
@@ -151,7 +155,7 @@ def workspaces(tmp_path_factory):
 
     def get(doc: Path) -> Workspace:
         if doc not in made:
-            made[doc] = Workspace(base / f"ws{len(made)}-{doc.parent.name}-{doc.stem}")
+            made[doc] = Workspace(base / f"ws{len(made)}-{doc.parent.name}-{doc.stem}", doc)
         return made[doc]
 
     return get
