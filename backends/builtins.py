@@ -52,7 +52,8 @@ DEEPEP = BackendSpec(
     install_hint=(
         "build DeepEP v1.2.1 from source with NVSHMEM on an SM90+ GPU "
         "(https://github.com/deepseek-ai/DeepEP; on CUDA 13 add CUDA's include/cccl to the "
-        "include path and set TORCH_CUDA_ARCH_LIST=9.0; see docs/deepep.md); without a GPU, "
+        "include path and set TORCH_CUDA_ARCH_LIST=9.0; see "
+        "https://github.com/moe-a2a/moe-a2a/blob/main/docs/deepep.md); without a GPU, "
         "moe-a2a run --emulate-kernels runs the CPU emulation"
     ),
     builtin=True,
@@ -90,7 +91,8 @@ MEGAMOE = BackendSpec(
     min_compute_capability=(9, 0),
     install_hint=(
         "pip install deep_gemm: upstream DeepGEMM (https://github.com/deepseek-ai/DeepGEMM) for "
-        "SM100, SGLang's fork (sgl-deep-gemm) for SM90; see docs/megamoe.md; without a GPU, "
+        "SM100, SGLang's fork (sgl-deep-gemm) for SM90; see "
+        "https://github.com/moe-a2a/moe-a2a/blob/main/docs/megamoe.md; without a GPU, "
         "moe-a2a run --emulate-kernels runs the CPU emulation"
     ),
     builtin=True,

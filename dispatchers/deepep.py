@@ -57,7 +57,8 @@ from moe_a2a.dispatchers.requirements import KernelRequirements
 __all__ = ["DeepEPCommunicator", "DeepEPDispatcher", "DeepEPLowLatencyHandle",
            "DeepEPNormalHandle", "deepep_requirements"]
 
-INSTALL_HINT = ("build DeepEP v1.2.1 from source with NVSHMEM on an SM90+ GPU (docs/deepep.md), "
+INSTALL_HINT = ("build DeepEP v1.2.1 from source with NVSHMEM on an SM90+ GPU "
+                "(https://github.com/moe-a2a/moe-a2a/blob/main/docs/deepep.md), "
                 "or use moe_a2a.testing.emulate_kernels() / moe-a2a run --emulate-kernels for the "
                 "CPU emulation")
 CAPACITY_FLAG = "--deepep-num-max-dispatch-tokens-per-rank"

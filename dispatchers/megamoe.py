@@ -54,7 +54,8 @@ __all__ = ["MEGA_MOE_REQUIREMENTS", "MegaMoE", "MegaMoECommunicator", "MegaMoEVa
 
 CAPACITY_FLAG = "--mega-moe-num-max-tokens-per-rank"
 INSTALL_HINT = ("pip install deep_gemm (SM100: upstream DeepGEMM; SM90: SGLang's DeepGEMM fork "
-                "sgl-deep-gemm, see docs/megamoe.md), or use moe_a2a.testing.emulate_kernels() / "
+                "sgl-deep-gemm, see https://github.com/moe-a2a/moe-a2a/blob/main/docs/megamoe.md), "
+                "or use moe_a2a.testing.emulate_kernels() / "
                 "moe-a2a run --emulate-kernels for the CPU emulation")
 
 #: SGLang's ``check_mega_moe_shapes`` for the bf16 kernel (hidden and intermediate multiples

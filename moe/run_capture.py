@@ -344,7 +344,8 @@ def write_output(path: str, records: List[Dict[str, Any]], capturer: RoutedExper
     doc = {
         "format": "moe-a2a routed experts",
         "wire_version": VERSION,
-        "encoding": "base64 of the wire blob (docs/routed-experts.md)",
+        "encoding": "base64 of the wire blob (https://github.com/moe-a2a/moe-a2a/blob/main/docs/"
+                    "routed-experts.md#wire-format)",
         "num_experts": capturer.num_experts,
         "num_layers": capturer.num_layers,
         "top_k": capturer.top_k,

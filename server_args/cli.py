@@ -166,7 +166,8 @@ class _RaisingParser(argparse.ArgumentParser):
     """A parser for ``resolve(argv)``: errors are ConfigError, never ``sys.exit`` or output."""
 
     def error(self, message: str) -> None:  # noqa: D401 - argparse API
-        raise ConfigError(f"server arguments: {message}; fix: see --help or docs/configuration.md")
+        raise ConfigError(f"server arguments: {message}; fix: see `moe-a2a config --help` "
+                          f"(or moe_a2a.server_args.help_text())")
 
     def exit(self, status: int = 0, message: Optional[str] = None) -> None:  # noqa: D401
         # argparse exits only through error() and its help/version actions; never here

@@ -230,8 +230,11 @@ class ServerArgs(ServerArgsFields):
         return out
 
     def explain(self) -> Dict[str, Any]:
-        """The ``moe-a2a config --json`` object."""
+        """The ``moe-a2a config --json`` object: ``to_json``'s, plus what was derived and checked
+        (so a launcher can hand the command's output to ``from_json`` unchanged)."""
         return {
+            "format": JSON_FORMAT,
+            "version": JSON_VERSION,
             "args": self.values(),
             "decisions": [d.to_dict() for d in self.decisions],
             "warnings": list(self.warnings),

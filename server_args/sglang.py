@@ -130,8 +130,8 @@ def unused_flags_warning(flags: Sequence[str]) -> Optional[str]:
         return None
     named = [f"{flag} ({FLAG_NOTES[flag]})" if flag in FLAG_NOTES else flag for flag in flags]
     return (f"SGLang flags that moe-a2a does not use are ignored: {', '.join(named)} (moe-a2a "
-            f"configures the MoE communication layer only; see docs/configuration.md, "
-            f"'Coming from SGLang')")
+            f"configures the MoE communication layer only; see https://github.com/moe-a2a/moe-a2a/"
+            f"blob/main/docs/configuration.md#coming-from-sglang)")
 
 
 def near_miss(arguments: Iterable[str], own: Sequence[str]) -> Optional[str]:

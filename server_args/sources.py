@@ -153,7 +153,7 @@ def unknown_moe_env(env: Mapping[str, str], known: Mapping[str, Any]) -> List[st
         close = difflib.get_close_matches(var, list(known), n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         out.append(f"{clip(var)} is not a moe-a2a setting and is ignored{hint} (variables are "
-                   f"MOE_A2A_<FIELD>, e.g. MOE_A2A_EP_SIZE; see docs/configuration.md)")
+                   f"MOE_A2A_<FIELD>, e.g. MOE_A2A_EP_SIZE; `moe-a2a config --help` lists each)")
     return out
 
 

@@ -46,7 +46,10 @@ def parse_server_args_json(text: Any) -> Dict[str, Any]:
         raise ConfigError(f"server args JSON has version {shown(data.get('version'))}; this "
                           f"moe-a2a reads version {JSON_VERSION}; fix: use the same moe-a2a "
                           f"release on the launcher and the workers")
-    extra = sorted(set(data) - {"format", "version", "args", "sources", "decisions", "warnings"})
+    # `moe-a2a config --json` (ServerArgs.explain) adds "derived" and "capacities": values
+    # computed from "args", which the rebuilt object computes again; they are not read.
+    extra = sorted(set(data) - {"format", "version", "args", "sources", "decisions", "warnings",
+                                "derived", "capacities"})
     if extra:
         raise ConfigError(f"server args JSON has unknown keys {clip(str(extra))}; {FIX}")
     args = data.get("args")

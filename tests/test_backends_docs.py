@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from doc_blocks import block_file, blocks, python_blocks
 from moe_a2a import backends
 from moe_a2a.backends import ENTRY_POINT_GROUP, registry_snapshot
 from moe_a2a.backends import matrix
@@ -17,16 +18,13 @@ from moe_a2a.backends import matrix
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS_MD = ROOT / "docs" / "backends.md"
 CUSTOM_MD = ROOT / "docs" / "custom-backend.md"
+EXAMPLE = ROOT / "examples" / "custom_backend"
 
 
 @pytest.fixture(autouse=True)
 def clean_registry():
     with registry_snapshot():
         yield
-
-
-def _blocks(text: str, lang: str):
-    return re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.S | re.M)
 
 
 def test_backends_md_matrix_is_fresh():
@@ -74,19 +72,30 @@ def test_matrix_cli_check_and_write(tmp_path):
 
 
 def test_custom_backend_md_examples_run():
-    blocks = _blocks(CUSTOM_MD.read_text(encoding="utf-8"), "python")
-    assert len(blocks) >= 5
+    code_blocks = python_blocks(CUSTOM_MD)
+    assert len(code_blocks) >= 5
     namespace = {"__name__": "custom_backend_doc"}
-    for i, code in enumerate(blocks):
-        exec(compile(code, f"{CUSTOM_MD.name}[python block {i}]", "exec"), namespace)
+    for block in code_blocks:
+        exec(compile(block.text, f"{block.where} (python block)", "exec"), namespace)
     assert backends.get_backend("local_only").dispatcher_path == "custom_backend_doc:LocalOnlyDispatcher"
     assert backends.get_backend("my_fast_a2a").requires[0].min_version == "0.3"
 
 
 def test_custom_backend_md_entry_point_snippet():
-    (toml_block,) = _blocks(CUSTOM_MD.read_text(encoding="utf-8"), "toml")
+    (toml_block,) = [b.text for b in blocks(CUSTOM_MD) if b.lang == "toml"]
     data = tomllib.loads(toml_block)
     eps = data["project"]["entry-points"][ENTRY_POINT_GROUP]
     assert set(eps) == {"local_only", "local_only_lazy"}
     for value in eps.values():
         assert re.fullmatch(r"[\w.]+:\w+", value)
+
+
+def test_example_package_is_the_documented_backend():
+    """examples/custom_backend ships section 1's code unchanged, under section 4's entry point."""
+    module = (EXAMPLE / "moe_a2a_local_only" / "dispatch.py").read_text(encoding="utf-8")
+    first = python_blocks(CUSTOM_MD)[0]
+    code = first.text.split("\n", 1)[1] if block_file(first) else first.text  # minus `# file:`
+    assert code.strip() in module
+    eps = tomllib.loads((EXAMPLE / "pyproject.toml").read_text(encoding="utf-8"))[
+        "project"]["entry-points"][ENTRY_POINT_GROUP]
+    assert eps == {"local_only": "moe_a2a_local_only.dispatch:LocalOnlyDispatcher"}

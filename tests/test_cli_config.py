@@ -139,6 +139,21 @@ def test_json_matches_explain(clean_env, capsys):
     assert obj["sources"]["tp_size"] == "cli" and obj["derived"]["attn_tp_size"] == 4
 
 
+def test_json_output_is_what_workers_read(clean_env, capsys):
+    """A launcher hands `moe-a2a config --json` to ServerArgs.from_json unchanged."""
+    from moe_a2a.server_args import ConfigError, ServerArgs
+
+    argv = ["--moe-a2a-backend", "deepep", "--tp-size", "4", "--dp-size", "2",
+            "--enable-dp-attention", "--cuda-graph-max-bs", "64"]
+    code, out, _ = run(capsys, *argv, "--json")
+    assert code == 0
+    rebuilt = ServerArgs.from_json(out)
+    assert rebuilt == resolve(argv, env={}) and rebuilt.decisions and rebuilt.capacities()
+    data = json.loads(out)
+    with pytest.raises(ConfigError, match="unknown keys"):
+        ServerArgs.from_json(json.dumps({**data, "derivd": {}}))
+
+
 def test_human_output_table_decisions_warnings(clean_env, capsys):
     clean_env.setenv("MOE_A2A_TP_SIZE", "2")
     code, out, err = run(capsys, "--moe-a2a-backend", "alltoall", "--deepep-mode", "normal")
