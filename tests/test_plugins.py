@@ -128,7 +128,8 @@ def test_documented_plugin_commands_run(tmp_path):
     text = CUSTOM_MD.read_text(encoding="utf-8")
     first_python = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)[0]
     (tmp_path / "my_backends.py").write_text(first_python)
-    (bash,) = re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M)
+    (bash,) = [b for b in re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M)
+               if "my_backends" in b]
     commands = [line for line in bash.splitlines() if line.strip() and not line.startswith("#")]
     assert len(commands) == 3
     for line in commands:
