@@ -299,6 +299,11 @@ def test_grouped_mm_runner_deepep_formats_and_empty():
     empty = _local_dispatch(STANDARD, torch.zeros(0, H), TopK(ids=torch.zeros(0, 2, dtype=torch.int64),
                                                               weights=torch.zeros(0, 2)), placement)
     assert GroupedMMExperts()(empty, local).shape == (0, H)
+    # rows delivered, none of their pairs routed to this rank: zeros, no GEMM on zero rows
+    elsewhere = _local_dispatch(STANDARD, torch.randn(5, H),
+                                TopK(ids=torch.full((5, 3), E - 1), weights=torch.rand(5, 3)), placement)
+    assert int(elsewhere.tokens_per_expert.sum()) == 0
+    assert torch.equal(GroupedMMExperts()(elsewhere, local), torch.zeros(5, H))
 
 
 def test_runner_selection():
