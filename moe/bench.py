@@ -203,8 +203,13 @@ class BackendSubject:
         self.batch = agree_batch(self.groups, num_tokens=int(batch_hidden.shape[0]),
                                  forward_mode=ForwardMode.PREFILL, device=self.ctx.device)
         self.fused_path = layer.uses_fused_path(self.batch)
-        layout = (layer.fused.token_layout if self.fused_path
-                  else layer.dispatcher.token_layout or layer.spec.token_layout)
+        if self.fused_path and layer.fused is not None:
+            layout = layer.fused.token_layout
+        elif layer.dispatcher is not None:
+            layout = layer.dispatcher.token_layout or layer.spec.token_layout
+        else:
+            raise MoeA2AError(f"backend {layer.spec.name} has no fallback for a step above its "
+                              f"capacity {layer.fused_capacity}")
         if layout == "scattered" and self.attn_tp_size > 1:
             start = self.groups.attn_tp_rank * rows_per_rank
             rows = slice(start, start + rows_per_rank)

@@ -14,7 +14,7 @@ DeepEP's combines take.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Type
+from typing import Any, Callable, Dict, Type
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,9 @@ def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: to
     return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
 
 
-Consumer = Callable[["ReferenceExperts", DispatchOutput, LocalExpertWeights], torch.Tensor]
+# each consumer takes the DispatchOutput subclass it is registered under (Any: Callable is
+# contravariant in its arguments, so a subclass-typed consumer is not a Consumer of the base)
+Consumer = Callable[["ReferenceExperts", Any, LocalExpertWeights], torch.Tensor]
 
 
 class ReferenceExperts:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Type, Union, cast
 
 import torch
 
@@ -191,6 +191,7 @@ def build_hf_block(config, *, seed: int = 0, dtype: torch.dtype = torch.float32)
     except (AttributeError, ValueError, KeyError):  # older transformers: eager is the only path
         pass
     _check_swiglu(getattr(config, "hidden_act", "silu"), model_type)
+    cls: Type[torch.nn.Module]
     if model_type == "deepseek_v3":
         from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE as cls
     elif model_type == "qwen3_moe":
@@ -237,8 +238,8 @@ def _experts_tensors(experts: torch.nn.Module) -> Tuple[torch.Tensor, torch.Tens
     act = getattr(getattr(experts, "config", None), "hidden_act", "silu")
     _check_swiglu(act, type(experts).__name__)
     if hasattr(experts, "gate_up_proj"):
-        gate_up = experts.gate_up_proj.detach()
-        down = experts.down_proj.detach()
+        gate_up = cast(torch.Tensor, experts.gate_up_proj).detach()  # nn.Parameter
+        down = cast(torch.Tensor, experts.down_proj).detach()
         if getattr(experts, "has_bias", False) or not getattr(experts, "has_gate", True):
             raise MoeA2AError(f"{type(experts).__name__} has biases or no gate: only bias-free SwiGLU experts are supported")
         if getattr(experts, "is_transposed", False):  # [E, H, 2I] / [E, I, H]
@@ -260,8 +261,8 @@ def extract_moe(block: torch.nn.Module) -> Tuple[MoEWeights, RouterConfig]:
     """Global ``MoEWeights`` (same dtype as the block's experts; router in float32) and the
     ``RouterConfig`` reproducing the block's gate."""
     kind = _block_kind(block)
-    gate = block.gate
-    w_gate, w_up, w_down = _experts_tensors(block.experts)
+    gate: Any = block.gate  # transformers' router: its class and attributes vary by model
+    w_gate, w_up, w_down = _experts_tensors(cast(torch.nn.Module, block.experts))
     num_experts = int(w_gate.shape[0])
     top_k = int(getattr(gate, "top_k", getattr(block, "top_k", 0)))
     router_weight = gate.weight.detach().float()
@@ -299,7 +300,7 @@ def hf_forward(block: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     _block_kind(block)
     if hidden.dim() != 2:
         raise MoeA2AError(f"hidden has shape {tuple(hidden.shape)}; expected [T, H]")
-    experts = block.experts
+    experts: Any = block.experts  # fused experts module or a ModuleList (duck-typed)
     dtype = experts.gate_up_proj.dtype if hasattr(experts, "gate_up_proj") else next(experts.parameters()).dtype
     if hidden.shape[0] == 0:
         return hidden.new_zeros((0, hidden.shape[1]), dtype=dtype)

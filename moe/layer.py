@@ -18,7 +18,7 @@ first (the real reason on failure), then that the class keeps the spec's contrac
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Type, Union, cast
 
 import torch
 
@@ -31,6 +31,7 @@ from moe_a2a.dispatchers import (
     DispatcherSetup,
     ForwardMode,
     FusedMoE,
+    ResourceOwner,
     agree_batch,
 )
 from moe_a2a.dispatchers.collectives import all_gather_known_sizes
@@ -59,7 +60,7 @@ class Communicators:
     def __init__(self) -> None:
         self._by_backend: Dict[str, Communicator] = {}
 
-    def get(self, spec: BackendSpec, cls: type, setup: DispatcherSetup) -> Communicator:
+    def get(self, spec: BackendSpec, cls: Type[ResourceOwner], setup: DispatcherSetup) -> Communicator:
         """The communicator of ``spec`` (built on first use with ``cls.communicator_class``)."""
         comm = self._by_backend.get(spec.name)
         if comm is None:
@@ -288,15 +289,16 @@ class EPMoE(torch.nn.Module):
                               f"expected [T, {self.gate.shape[1]}]")
         groups = self.ctx.groups
         step = self._step(int(hidden.shape[0]))
-        fused = self.uses_fused_path(step.batch)
-        if fused:
-            path, layout = "fused", self.fused.token_layout
+        fused = self.fused if self.uses_fused_path(step.batch) else None
+        dispatcher = self.dispatcher
+        if fused is not None:
+            path, layout = "fused", fused.token_layout
         else:
-            if self.dispatcher is None:
+            if dispatcher is None:
                 raise MoeA2AError(f"backend {self.spec.name} has no fallback for a step above its "
                                   f"capacity {self.fused_capacity}")
             path = "fallback" if self.fused is not None else "dispatch"
-            layout = self.dispatcher.token_layout or self.spec.token_layout
+            layout = dispatcher.token_layout or self.spec.token_layout
         if layout == "scattered" and groups.attn_tp_size > 1:
             rows = RowSpan.slice_of(int(hidden.shape[0]), groups.attn_tp_size, groups.attn_tp_rank)
         else:
@@ -307,12 +309,13 @@ class EPMoE(torch.nn.Module):
         for observer in self.observers:
             observer.observe(self.layer_id, topk, rows, step)
         physical = self.remap.to_physical(topk, self.layer_id)
-        if fused:
-            out = self.fused.forward(x, physical, batch=step.batch)
+        if fused is not None:
+            out = fused.forward(x, physical, batch=step.batch)
         else:
-            dispatched = self.dispatcher.dispatch(x, physical, batch=step.batch)
+            assert dispatcher is not None  # raised above otherwise
+            dispatched = dispatcher.dispatch(x, physical, batch=step.batch)
             expert_out = self.experts(dispatched)
-            out = self.dispatcher.combine(
+            out = dispatcher.combine(
                 CombineInput(expert_output=expert_out, dispatch_output=dispatched),
                 batch=step.batch)
         self._check_output(out, x, path)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -142,7 +142,7 @@ def init_distributed(rank: int, world_size: int, *, backend: str, init_method: s
     """
     if world_size == 1 or dist.is_initialized():
         return
-    kwargs = {"device_id": device} if device is not None and device.type == "cuda" else {}
+    kwargs: Dict[str, Any] = {"device_id": device} if device is not None and device.type == "cuda" else {}
     dist.init_process_group(backend=backend, init_method=init_method, rank=rank,
                             world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s), **kwargs)

@@ -343,12 +343,16 @@ class RoutedExpertsCapturer(StepObserver):
         n = step.num_tokens
         if n == 0:
             return
+        slots = step.token_slots
+        if slots is None:  # on_step_begin refuses such a step
+            raise MoeA2AError(f"routed-experts capture: step {step.index} has {n} tokens but no "
+                              f"token_slots")
         staging = self._staging[self._next]
         if staging.busy:  # two steps ago: its copy has long finished
             self._finalize(staging)
         cuda = self.device.type == "cuda"
         staging.ids[:n].copy_(self.device_cache[:n], non_blocking=cuda)
-        staging.slots[:n].copy_(step.token_slots, non_blocking=cuda)
+        staging.slots[:n].copy_(slots, non_blocking=cuda)
         staging.event = None
         if cuda:
             staging.event = torch.cuda.Event()

@@ -77,6 +77,7 @@ class _Oracle:
             return hf_forward(self.hf_block, x)
         from moe_a2a.reference import reference_moe
 
+        assert self.weights is not None  # built with weights when there is no hf_block
         return reference_moe(x, self.weights, self.router)[0]
 
 

@@ -99,7 +99,7 @@ class RequestTable:
         width = max((r.length for r in requests), default=0) + 1
         #: [requests, max_length + 1] int64 KV slot of each position, -1 where none
         self.req_to_token = torch.full((max(1, len(requests)), width), -1, dtype=torch.int64)
-        stream = []
+        stream: List[int] = []
         for r in requests:
             if r.prefix_of is not None:
                 self.req_to_token[r.req_pool_idx, :r.shared] = self.req_to_token[r.prefix_of, :r.shared]
@@ -130,6 +130,8 @@ class RouterOracle:
             from moe_a2a.hf import extract_moe
 
             weights, router = extract_moe(hf_block)
+        if router is None:
+            raise MoeA2AError("RouterOracle needs a router or a transformers block")
         self.router = router
         self.gate = weights.gate.float()
         self.bias = (weights.correction_bias.float() if router.has_correction_bias else None)
@@ -201,7 +203,7 @@ class CaptureJob:
         if x.shape[0] == 0:
             return
         ref = self._oracle(column, oracle)(x)
-        if self.expected is None:
+        if self.expected is None or self.scores is None:  # allocated together
             self.expected = torch.full((self.table.num_slots, self.num_layers, ref.ids.shape[1]),
                                        -1, dtype=torch.int64)
             self.scores = torch.zeros((self.table.num_slots, self.num_layers, ref.scores.shape[1]))
@@ -263,8 +265,10 @@ class CaptureReport:
             return
         start, end = min(sim.start_len, sim.length), sim.length
         slots = job.table.req_to_token[sim.req_pool_idx, start:end]
-        want, scores = job.expected[slots], job.scores[slots]  # requests exist: tokens ran
+        assert job.expected is not None and job.scores is not None  # requests exist: tokens ran
+        want, scores = job.expected[slots], job.scores[slots]
         got = rows.ids
+        assert got is not None  # accepted rows carry ids
         if (rows.start, rows.end) != (start, end) or tuple(got.shape) != tuple(want.shape):
             self.mismatches += max(1, end - start)
             self._problem(f"request {sim.req_pool_idx}: rows [{rows.start}, {rows.end}) of shape "

@@ -15,7 +15,7 @@ ranks), runs its layers — attention in between is the engine's — and calls `
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, List, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Union, cast
 
 import torch
 
@@ -54,7 +54,7 @@ class MoEStack(torch.nn.Module):
             self.observers.insert(0, routed_experts)
         self._step: Optional[StepContext] = None
         self._steps = 0
-        for layer in self.layers:
+        for layer in cast(Iterable[EPMoE], self.layers):  # a ModuleList of EPMoE
             if layer.communicators is not communicators:
                 raise MoeA2AError(f"layer {layer.layer_id} was built with other communicators "
                                   f"than the stack's; fix: build it with communicators="
@@ -177,7 +177,7 @@ class MoEStack(torch.nn.Module):
     def path_counts(self) -> dict:
         """Layer calls per path (``dispatch``, ``fused``, ``fallback``), summed over layers."""
         total: dict = {}
-        for layer in self.layers:
+        for layer in cast(Iterable[EPMoE], self.layers):
             for path, n in layer.path_counts.items():
                 total[path] = total.get(path, 0) + n
         return total

@@ -15,7 +15,7 @@ import argparse
 import importlib
 import re
 import sys
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from moe_a2a.errors import user_error_types
 
@@ -47,7 +47,7 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Adds "(default: X)" to a flag's help only where it says something: not for a None or
     False default, nor when the help already names its default."""
 
-    def _get_help_string(self, action: argparse.Action) -> str:
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
         text = action.help or ""
         if action.default is None or action.default is False or "default:" in text:
             return text
@@ -57,7 +57,7 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors with one line and exit 2 (its default status too)."""
 
-    def error(self, message: str) -> None:  # noqa: D401 - argparse API
+    def error(self, message: str) -> NoReturn:  # noqa: D401 - argparse API
         self.exit(EXIT_USAGE, f"moe-a2a: error: {clip_words(message)}\n")
 
 

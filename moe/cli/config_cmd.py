@@ -47,7 +47,8 @@ def render(args: ServerArgs) -> str:
     """The human report."""
     values = args.values()
     rows = [(f.name, _shorten(format_value(values[f.name])), args.sources[f.name]) for f in FIELDS]
-    widths = [max(len(r[i]) for r in rows + [("field", "value", "source")]) for i in range(2)]
+    header = ("field", "value", "source")
+    widths = [max(len(r[0]) for r in rows + [header]), max(len(r[1]) for r in rows + [header])]
     lines: List[str] = [f"resolved server arguments (backend {args.moe_a2a_backend})", ""]
     lines.append(f"  {'field':<{widths[0]}}  {'value':<{widths[1]}}  source")
     lines.append(f"  {'-' * widths[0]}  {'-' * widths[1]}  {'-' * 6}")

@@ -17,11 +17,12 @@ import dataclasses
 import importlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, Type
 
 from moe_a2a.errors import MoeA2AError
 
 if TYPE_CHECKING:
+    from moe_a2a.dispatchers import ResourceOwner
     from moe_a2a.run_plan import ModelShape
     from moe_a2a.server_args import ServerArgs
 
@@ -46,7 +47,7 @@ def add_arguments(group: Any) -> None:
 def kernel_requirements(args: "ServerArgs") -> Any:
     """The backend's ``KernelRequirements`` for its resolved settings, or None."""
     try:
-        cls = args.backend_spec.load_dispatcher_class()
+        cls: Type[ResourceOwner] = args.backend_spec.load_dispatcher_class()
     except Exception:  # availability reports it with the real reason
         return None
     return cls.kernel_requirements(args.backend_settings)
@@ -69,7 +70,7 @@ def fit_shape(ns: argparse.Namespace, args: "ServerArgs",
         if reqs is not None:
             _raise_problems(reqs.problems(dtype=_torch_dtype(dtype)), args)
         return shape, dtype, decisions
-    changes: Dict[str, int] = {}
+    changes: Dict[str, Any] = {}
     if ns.hidden_size is None:
         hidden = reqs.default_hidden_size(shape.hidden_size)
         if hidden != shape.hidden_size:

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from moe_a2a.cli import kernel_options
 from moe_a2a.errors import MoeA2AError
@@ -165,6 +165,7 @@ def checked_shape(shape: "ModelShape", args: "ServerArgs") -> "ModelShape":
         raise MoeA2AError(f"--top-k {shape.top_k} exceeds --num-experts {shape.num_experts}: "
                           f"choose top-k <= num-experts")
     shape = resolve_groups(shape)
+    assert shape.n_group is not None and shape.topk_group is not None  # resolve_groups filled them
     RouterConfig(num_experts=shape.num_experts, top_k=shape.top_k, scoring="sigmoid",
                  n_group=shape.n_group, topk_group=shape.topk_group, renormalize=True,
                  routed_scaling_factor=shape.routed_scaling_factor, has_correction_bias=True)
@@ -214,7 +215,7 @@ def eplb_shape_error(num_experts: int, intermediate: int, shared_intermediate: O
 
 # Settings that resolve (so `moe-a2a config` explains them) but whose machinery `run` does not
 # build yet: refusing beats silently running without them.
-NOT_YET_RUN = (
+NOT_YET_RUN: Tuple[Tuple[str, str], ...] = (
 )
 
 

@@ -83,7 +83,7 @@ class EventOverlap:
     """A wrapper of a captured event, also usable as ``with event_overlap:``."""
 
     def __init__(self, event: Optional[EventHandle] = None,
-                 extra_tensors: Optional[Tuple[torch.Tensor]] = None) -> None:
+                 extra_tensors: Optional[Tuple[Optional[torch.Tensor], ...]] = None) -> None:
         self.event = event
         self.extra_tensors = extra_tensors
 
@@ -215,7 +215,7 @@ class Buffer:
                  allow_nvlink_for_low_latency_mode: bool = True,
                  allow_mnnvl: bool = False,
                  explicitly_destroy: bool = False,
-                 comm: Optional["mpi4py.MPI.Comm"] = None) -> None:  # noqa: F821
+                 comm: Optional[Any] = None) -> None:  # an mpi4py.MPI.Comm (not emulated)
         if group is not None:
             self.rank = group.rank()
             self.group = group
@@ -317,7 +317,7 @@ class Buffer:
         return tensor[:size.numel()].view(size)
 
     @staticmethod
-    def _unpack_bias(bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]):
+    def _unpack_bias(bias: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]):
         bias_0, bias_1 = None, None
         if isinstance(bias, torch.Tensor):
             bias_0 = bias
@@ -408,7 +408,7 @@ class Buffer:
                  previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
                  allocate_on_comm_stream: bool = False) -> \
             Tuple[Union[Tuple[torch.Tensor, torch.Tensor], torch.Tensor], Optional[torch.Tensor],
-                  Optional[torch.Tensor], List[int], Tuple, EventOverlap]:
+                  Optional[torch.Tensor], Optional[List[int]], Optional[Tuple], EventOverlap]:
         """Send each token once to every rank holding one of its experts.
 
         Returns ``(recv_x (or (recv_x, recv_x_scales)), recv_topk_idx [R, K] int64 (local ids,
@@ -421,7 +421,7 @@ class Buffer:
         self._intranode("Buffer.dispatch")
         x, x_scales = x if isinstance(x, tuple) else (x, None)
         cached = handle is not None
-        if cached:
+        if handle is not None:
             assert topk_idx is None and topk_weights is None
             rank_prefix_matrix, channel_prefix_matrix, _, _, is_token_in_rank, _ = handle
         else:
@@ -448,6 +448,7 @@ class Buffer:
                    "cached_channel_prefix_matrix->size(1) == num_channels")
             num_experts = 0
         else:
+            assert num_tokens_per_expert is not None and num_tokens_per_rank is not None  # checked above
             _check(num_tokens_per_expert.dtype == torch.int32, "num_tokens_per_expert int32")
             _check(num_tokens_per_rank.dtype == torch.int32, "num_tokens_per_rank int32")
             _check(num_tokens_per_expert.dim() == 1 and num_tokens_per_expert.shape[0] % world == 0,
@@ -461,7 +462,7 @@ class Buffer:
         _check((topk_idx is None) == (topk_weights is None),
                "topk_idx.has_value() == topk_weights.has_value()")
         num_topk = 0
-        if topk_idx is not None:
+        if topk_idx is not None and topk_weights is not None:  # both or neither (checked above)
             num_topk = int(topk_idx.shape[1])
             _check(num_experts > 0, "num_experts > 0")
             _check(topk_idx.dim() == 2 and topk_idx.is_contiguous(), "topk_idx contiguous [T, K]")
@@ -499,6 +500,7 @@ class Buffer:
         in_rank = is_token_in_rank.to(torch.int64)
         send_counts = in_rank.sum(dim=0)
         if not cached:
+            assert num_tokens_per_rank is not None  # checked above
             _check(torch.equal(send_counts, num_tokens_per_rank.to(torch.int64)),
                    "num_tokens_per_rank matches is_token_in_rank",
                    "the layout tensors disagree; pass what get_dispatch_layout returned")
@@ -531,8 +533,11 @@ class Buffer:
         new_handle = (prefix.to(torch.int32), channel_prefix, recv_channel_prefix, recv_src_idx,
                       is_token_in_rank, send_head)
         if cached:
-            out_x = (recv_x, recv_scales) if x_scales is not None else recv_x
+            out_x = (recv_x, recv_scales) if recv_scales is not None else recv_x
             return out_x, None, None, None, None, event
+        if topk_idx is None or topk_weights is None:
+            raise NotImplementedError("the moe_a2a emulation of deep_ep.Buffer.dispatch needs "
+                                      "topk_idx and topk_weights when no handle is given")
 
         # the kernel rewrites ids on the sender: the receiver's local ids, -1 (weight 0) elsewhere
         local, row_weights = localize_topk(topk_idx.index_select(0, send_token),
@@ -554,13 +559,13 @@ class Buffer:
             recv_topk_weights = torch.cat([recv_topk_weights,
                                            recv_topk_weights.new_zeros((pad, num_topk))])
             aligned = []
-        out_x = (recv_x, recv_scales) if x_scales is not None else recv_x
+        out_x = (recv_x, recv_scales) if recv_scales is not None else recv_x
         return out_x, recv_topk_idx, recv_topk_weights, aligned, new_handle, event
 
     # noinspection PyTypeChecker
     def combine(self, x: torch.Tensor, handle: Tuple,
                 topk_weights: Optional[torch.Tensor] = None,
-                bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]] = None,
+                bias: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]] = None,
                 config: Optional[Config] = None,
                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
                 allocate_on_comm_stream: bool = False) -> \
@@ -679,7 +684,8 @@ class Buffer:
                              use_fp8: bool = True, round_scale: bool = False,
                              use_ue8m0: bool = False,
                              async_finish: bool = False, return_recv_hook: bool = False) -> \
-            Tuple[Tuple[torch.Tensor, torch.Tensor], torch.Tensor, Tuple, EventOverlap, Callable]:
+            Tuple[Union[Tuple[torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor, Tuple,
+                  EventOverlap, Optional[Callable]]:
         """Send each (token, expert) pair to the expert's rank, into a masked layout.
 
         Returns ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` is
@@ -789,7 +795,8 @@ class Buffer:
             packed_recv_x_scales = torch.empty((num_local, columns, width), dtype=scale_dtype,
                                                device=device).transpose(1, 2)
             packed_recv_x_scales.fill_(0 if use_ue8m0 else float("nan"))
-        received = (packed_recv_x,) if not use_fp8 else (packed_recv_x, packed_recv_x_scales)
+        received = ((packed_recv_x,) if packed_recv_x_scales is None
+                    else (packed_recv_x, packed_recv_x_scales))
         hook = None
         if return_recv_hook:
             hook = lambda: deliver(received)  # noqa: E731 - the data appears when received
@@ -798,7 +805,8 @@ class Buffer:
         handle = (src_info, layout_range, cap, hidden, num_experts)
         tensors_to_record = (x, topk_idx, packed_recv_x, packed_recv_x_scales, recv_count,
                              src_info, layout_range, cumulative_local_expert_recv_stats)
-        recv = (packed_recv_x, packed_recv_x_scales) if use_fp8 else packed_recv_x
+        recv = ((packed_recv_x, packed_recv_x_scales) if packed_recv_x_scales is not None
+                else packed_recv_x)
         return (recv, recv_count.to(torch.int32), handle,
                 EventOverlap(EventHandle() if async_finish else None,
                              tensors_to_record if async_finish else None), hook)
@@ -810,7 +818,7 @@ class Buffer:
                             async_finish: bool = False, return_recv_hook: bool = False,
                             out: Optional[torch.Tensor] = None,
                             combine_wait_recv_cost_stats: Optional[torch.Tensor] = None) -> \
-            Tuple[torch.Tensor, EventOverlap, Callable]:
+            Tuple[torch.Tensor, EventOverlap, Optional[Callable]]:
         """Send each expert's rows back and reduce them **with** ``topk_weights`` at the
         origin: ``(combined_x [T, H] bf16, event, hook)``."""
         self._runtime("low_latency_combine")
@@ -849,16 +857,18 @@ class Buffer:
         source = x
         if zero_copy:
             _check(self._next_combine is not None, "zero_copy needs get_next_low_latency_combine_buffer")
+            assert self._next_combine is not None  # _check raised otherwise
             source = self._next_combine
         device = x.device
         begin = (layout_range >> 32)                                        # [E_local, W]
         count = (layout_range & _INT_MASK)
         # send back to each source rank: its rows of every local expert, expert-major
-        slots, dest_experts, send_splits = [], [], []
-        for s in range(world):
+        slots: List[Tuple[int, int, int]] = []
+        send_splits: List[int] = []
+        for src in range(world):
             n = 0
             for e in range(num_local):
-                b, c = int(begin[e, s]), int(count[e, s])
+                b, c = int(begin[e, src]), int(count[e, src])
                 if c:
                     slots.append((e, b, c))
                     n += c
@@ -896,7 +906,7 @@ class Buffer:
         return combined, EventOverlap(EventHandle() if async_finish else None,
                                       tensors_to_record if async_finish else None), hook
 
-    def get_next_low_latency_combine_buffer(self, handle: object):
+    def get_next_low_latency_combine_buffer(self, handle: Tuple):
         """The tensor the next ``low_latency_combine(..., zero_copy=True)`` reads:
         ``[E_local, W * cap, H]`` bf16, to be filled by the caller."""
         self._runtime("get_next_low_latency_combine_buffer")

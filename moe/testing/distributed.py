@@ -18,7 +18,7 @@ import queue
 import signal
 import tempfile
 import traceback
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List
 
 import torch.multiprocessing as mp
 
@@ -90,7 +90,7 @@ class RankPool:
         for q in self._tasks:
             q.put((task_id, fn, args, kwargs))
         values: List[Any] = [None] * self.world_size
-        errors = {}
+        errors: Dict[int, str] = {}
         pending = set(range(self.world_size))
         while pending:
             # once a rank failed, the others are likely stuck in a collective: wait briefly

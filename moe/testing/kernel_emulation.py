@@ -25,7 +25,7 @@ import sys
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from moe_a2a.dispatchers.kernels import EMULATION_ATTRIBUTE
 
@@ -53,6 +53,12 @@ class EmulationInfo:
     compute_capability: Tuple[int, int]
 
 
+def _set(module: types.ModuleType, **attrs: Any) -> None:
+    # setattr: mypy does not allow new attributes on a ModuleType
+    for name, value in attrs.items():
+        setattr(module, name, value)
+
+
 def _deep_ep_modules(info: EmulationInfo) -> Dict[str, types.ModuleType]:
     from moe_a2a.testing import deep_ep_emulation as emu
 
@@ -62,14 +68,13 @@ def _deep_ep_modules(info: EmulationInfo) -> Dict[str, types.ModuleType]:
     utils = types.ModuleType("deep_ep.utils")
     for module in (top, buffer, utils):
         setattr(module, EMULATION_ATTRIBUTE, info)
-    top.Buffer, top.EventOverlap, top.Config = emu.Buffer, emu.EventOverlap, emu.Config
-    top.buffer, top.utils = buffer, utils
-    top.__version__ = "1.2.1+moe_a2a.emulation"
+    _set(top, Buffer=emu.Buffer, EventOverlap=emu.EventOverlap, Config=emu.Config,
+         buffer=buffer, utils=utils, __version__="1.2.1+moe_a2a.emulation")
     top.__path__ = []  # a package, so ``import deep_ep.buffer`` resolves from sys.modules
-    buffer.Buffer, buffer.Config, buffer.EventHandle = emu.Buffer, emu.Config, emu.EventHandle
-    buffer.EventOverlap = emu.EventOverlap
-    utils.EventOverlap, utils.EventHandle, utils.Config = emu.EventOverlap, emu.EventHandle, emu.Config
-    utils.check_nvlink_connections = emu.check_nvlink_connections
+    _set(buffer, Buffer=emu.Buffer, Config=emu.Config, EventHandle=emu.EventHandle,
+         EventOverlap=emu.EventOverlap)
+    _set(utils, EventOverlap=emu.EventOverlap, EventHandle=emu.EventHandle, Config=emu.Config,
+         check_nvlink_connections=emu.check_nvlink_connections)
     return {"deep_ep": top, "deep_ep.buffer": buffer, "deep_ep.utils": utils}
 
 
@@ -83,8 +88,7 @@ def _deep_gemm_modules(info: EmulationInfo) -> Dict[str, types.ModuleType]:
         setattr(module, EMULATION_ATTRIBUTE, info)
         for name in emu.__all__:
             setattr(module, name, getattr(emu, name))
-    top.mega = mega
-    top.__version__ = "2.1.1+moe_a2a.emulation"
+    _set(top, mega=mega, __version__="2.1.1+moe_a2a.emulation")
     top.__path__ = []
     return {"deep_gemm": top, "deep_gemm.mega": mega}
 
