@@ -7,7 +7,10 @@ one message. Every message names the value seen, the constraint it broke and the
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
+
+if TYPE_CHECKING:
+    from moe_a2a.backends.spec import BackendSpec
 
 
 class BackendError(ValueError):
@@ -30,8 +33,8 @@ class BackendConflictError(InvalidBackendError):
     """
 
     backend_name: Optional[str] = None
-    existing: Optional[object] = None
-    rejected: Optional[object] = None
+    existing: Optional[BackendSpec] = None
+    rejected: Optional[BackendSpec] = None
 
 
 class UnknownBackendError(BackendError):

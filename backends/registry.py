@@ -42,6 +42,7 @@ from typing import (
     Optional,
     Set,
     Tuple,
+    Type,
     TypeVar,
     Union,
     overload,
@@ -57,7 +58,7 @@ from moe_a2a.backends.errors import (
     UnknownBackendError,
 )
 from moe_a2a.backends.names import BUILTIN_NAMES, SGLANG_ONLY_BACKENDS, MoeA2ABackend
-from moe_a2a.backends.settings import NoSettings
+from moe_a2a.backends.settings import BackendSettings, NoSettings
 from moe_a2a.backends.spec import BackendSpec, RequirementLike, normalize_name, validate_name
 
 ENTRY_POINT_GROUP = "moe_a2a.backends"
@@ -236,7 +237,7 @@ class BackendRegistry:
             return False
         name = exc.backend_name
         first = self._origins.get(name) if name else None
-        if first is None or exc.existing is None or exc.rejected is None:
+        if not name or first is None or exc.existing is None or exc.rejected is None:
             return False  # the name came from register_backend in code, not a distribution
         a, b = exc.existing.to_dict(), exc.rejected.to_dict()
         differ = ", ".join(f"{k}: {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b[k])
@@ -429,10 +430,24 @@ REGISTRY = BackendRegistry()
 
 @overload
 def register_backend(
-    name: str, dispatcher: None = None, **capabilities: Any
+    name: str, dispatcher: None = None, *, token_layout: str, ep_policy: str, fused_experts: bool = ...,
+    modes: Iterable[str] = ..., cuda_graph_modes: Iterable[str] = ..., devices: Iterable[str] = ...,
+    requires: Iterable[RequirementLike] = ..., min_compute_capability: Optional[Tuple[int, int]] = ...,
+    install_hint: str = ..., description: str = ..., features: Iterable[str] = ...,
+    settings: Optional[Type[BackendSettings]] = ..., settings_fields: Optional[dict] = ...,
+    mode_setting: Optional[str] = ..., capacities: Iterable[Any] = ..., fallback: Optional[str] = ...,
+    extra: Optional[dict] = ...,
 ) -> Callable[[C], C]: ...
 @overload
-def register_backend(name: str, dispatcher: Union[str, type], **capabilities: Any) -> BackendSpec: ...
+def register_backend(
+    name: str, dispatcher: Union[str, type], *, token_layout: str, ep_policy: str, fused_experts: bool = ...,
+    modes: Iterable[str] = ..., cuda_graph_modes: Iterable[str] = ..., devices: Iterable[str] = ...,
+    requires: Iterable[RequirementLike] = ..., min_compute_capability: Optional[Tuple[int, int]] = ...,
+    install_hint: str = ..., description: str = ..., features: Iterable[str] = ...,
+    settings: Optional[Type[BackendSettings]] = ..., settings_fields: Optional[dict] = ...,
+    mode_setting: Optional[str] = ..., capacities: Iterable[Any] = ..., fallback: Optional[str] = ...,
+    extra: Optional[dict] = ...,
+) -> BackendSpec: ...
 
 
 def register_backend(
@@ -450,7 +465,7 @@ def register_backend(
     install_hint: str = "",
     description: str = "",
     features: Iterable[str] = (),
-    settings: Optional[type] = None,
+    settings: Optional[Type[BackendSettings]] = None,
     settings_fields: Optional[dict] = None,
     mode_setting: Optional[str] = None,
     capacities: Iterable[Any] = (),
@@ -478,10 +493,13 @@ def register_backend(
     """
 
     def build(target: Union[str, type]) -> BackendSpec:
+        # the ignores: BackendSpec.__post_init__ validates and normalises these loose inputs
+        # (str to the Literal choices, iterables to tuples); dataclass fields have no converters
         spec = BackendSpec(
-            name=name, dispatcher=target, token_layout=token_layout, ep_policy=ep_policy,
-            fused_experts=fused_experts, modes=modes, cuda_graph_modes=cuda_graph_modes,
-            devices=devices, requires=requires, min_compute_capability=min_compute_capability,
+            name=name, dispatcher=target, fused_experts=fused_experts,
+            token_layout=token_layout, ep_policy=ep_policy,  # type: ignore[arg-type]
+            modes=modes, cuda_graph_modes=cuda_graph_modes, devices=devices,  # type: ignore[arg-type]
+            requires=requires, min_compute_capability=min_compute_capability,  # type: ignore[arg-type]
             install_hint=install_hint, description=description, features=tuple(features),
             settings=settings if settings is not None else NoSettings,
             settings_fields=settings_fields or {}, mode_setting=mode_setting,

@@ -14,10 +14,17 @@ import importlib
 import importlib.metadata
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Mapping, Optional, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Iterable, Literal, Mapping, Optional, Tuple, Type, TypeGuard,
+                    Union, cast)
 
 from moe_a2a.backends.errors import InvalidBackendError
 from moe_a2a.backends.settings import BackendSettings, CapacityRule, NoSettings, is_settings_class
+
+if TYPE_CHECKING:
+    from moe_a2a.dispatchers.base import BaseDispatcher
+    from moe_a2a.dispatchers.fused import FusedMoE
+
+    DispatcherClass = Union[Type[BaseDispatcher], Type[FusedMoE]]
 
 TokenLayout = Literal["replicated", "scattered"]
 EpPolicy = Literal["user", "tp"]
@@ -185,7 +192,7 @@ class BackendSpec:
     builtin: bool = False
     description: str = ""
     features: Tuple[str, ...] = ()
-    settings: type = NoSettings
+    settings: Type[BackendSettings] = NoSettings
     settings_fields: Mapping[str, str] = field(default_factory=dict, hash=False)
     mode_setting: Optional[str] = None
     capacities: Tuple[CapacityRule, ...] = ()
@@ -308,7 +315,7 @@ class BackendSpec:
             "fallback": self.fallback,
         }
 
-    def load_dispatcher_class(self) -> type:
+    def load_dispatcher_class(self) -> DispatcherClass:
         """Import and return the dispatcher class.
 
         Raises:
@@ -317,7 +324,7 @@ class BackendSpec:
             InvalidBackendError: the attribute is not a ``dispatchers.BaseDispatcher`` subclass.
         """
         if not isinstance(self.dispatcher, str):
-            return self.dispatcher
+            return cast("DispatcherClass", self.dispatcher)  # checked in __post_init__
         module_name, _, attr = self.dispatcher.partition(":")
         try:
             obj: Any = importlib.import_module(module_name)
@@ -339,7 +346,7 @@ class BackendSpec:
         return obj
 
 
-def _is_dispatcher_class(obj: Any) -> bool:
+def _is_dispatcher_class(obj: Any) -> TypeGuard[DispatcherClass]:
     # lazy: keeps `import moe_a2a.backends` free of torch
     from moe_a2a.dispatchers.base import BaseDispatcher
     from moe_a2a.dispatchers.fused import FusedMoE

@@ -62,7 +62,7 @@ class BatchInfo:
         if (self.dp_num_tokens is None) != (self.dp_forward_modes is None):
             raise DispatcherError("BatchInfo: dp_num_tokens and dp_forward_modes are agreed "
                                   "together; fix: give both or neither (use agree_batch)")
-        if self.dp_num_tokens is not None:
+        if self.dp_num_tokens is not None and self.dp_forward_modes is not None:
             sizes = tuple(int(n) for n in self.dp_num_tokens)
             modes = tuple(ForwardMode(m) for m in self.dp_forward_modes)
             if len(sizes) != len(modes) or not sizes or any(n < 0 for n in sizes):

@@ -35,7 +35,7 @@ dequantises. Combines always move bfloat16.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Set, Tuple, Type
 
 import torch
 
@@ -103,7 +103,8 @@ def _parse_config(deep_ep: Any, raw: Optional[Dict[str, Any]]) -> Tuple[Any, Any
     if unknown:
         raise DispatcherError(f"{CONFIG_FLAG} has keys {unknown}; expected 'normal_dispatch' and/or "
                               f"'normal_combine', each an object with {', '.join(_CONFIG_FIELDS)}")
-    configs, sms = [], set()
+    configs: List[Any] = []
+    sms: Set[int] = set()
     for key in ("normal_dispatch", "normal_combine"):
         entry = raw.get(key)
         if entry is None:
@@ -236,9 +237,10 @@ class DeepEPDispatcher(BaseDispatcher):
         mode_counts: dispatches per kernel mode (``normal``, ``low_latency``).
     """
 
-    output_class = DeepEPNormalOutput
+    output_class: ClassVar[Type[DispatchOutput]] = DeepEPNormalOutput
     output_classes: ClassVar[Tuple[type, ...]] = (DeepEPNormalOutput, DeepEPLowLatencyOutput)
     communicator_class = DeepEPCommunicator
+    comm: DeepEPCommunicator  # the base class checks it is a communicator_class
     token_layout = "scattered"
 
     @classmethod
@@ -248,7 +250,7 @@ class DeepEPDispatcher(BaseDispatcher):
 
     def __init__(self, setup: DispatcherSetup) -> None:
         super().__init__(setup)
-        comm: DeepEPCommunicator = self.comm  # type: ignore[assignment]
+        comm = self.comm
         mine = (setup.num_experts, setup.hidden_size, setup.dtype)
         sized = (comm.setup.num_experts, comm.setup.hidden_size, comm.setup.dtype)
         if mine != sized:

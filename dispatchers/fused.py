@@ -25,9 +25,13 @@ class LocalExpertWeightsLike(Protocol):
     ``down(silu(gate(x)) * up(x))``.
     """
 
-    w_gate: torch.Tensor
-    w_up: torch.Tensor
-    w_down: torch.Tensor
+    # read-only members: a frozen dataclass (LocalExpertWeights) fits them
+    @property
+    def w_gate(self) -> torch.Tensor: ...
+    @property
+    def w_up(self) -> torch.Tensor: ...
+    @property
+    def w_down(self) -> torch.Tensor: ...
 
 
 class FusedMoE(ResourceOwner, abc.ABC):

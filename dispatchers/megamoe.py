@@ -154,6 +154,7 @@ class MegaMoE(FusedMoE):
     """
 
     communicator_class = MegaMoECommunicator
+    comm: MegaMoECommunicator  # the base class checks it is a communicator_class
     token_layout = "scattered"
 
     @classmethod
@@ -220,9 +221,9 @@ class MegaMoE(FusedMoE):
         dg = self.deep_gemm
         transform = getattr(dg, self.variant.transform)
         if self.variant.fp8:
-            l1 = quantize_blocks(torch.cat([w_gate, w_up], dim=1))
-            l2 = quantize_blocks(w_down)
-            self.l1, self.l2 = transform(l1, l2)
+            q1 = quantize_blocks(torch.cat([w_gate, w_up], dim=1))
+            q2 = quantize_blocks(w_down)
+            self.l1, self.l2 = transform(q1, q2)
         else:
             l1 = torch.cat([w_gate, w_up], dim=1).to(torch.bfloat16).contiguous()
             share = (self.fix_memory and w_down.dtype == torch.bfloat16 and w_down.is_contiguous())

@@ -105,8 +105,8 @@ class StandardDispatcher(BaseDispatcher):
 
     def _dp_sizes(self, num_tokens: int, batch: BatchInfo, device: torch.device) -> Tuple[int, ...]:
         g = self.groups
-        if batch.agreed:
-            sizes = batch.dp_num_tokens
+        sizes = batch.dp_num_tokens
+        if sizes is not None:  # batch.agreed
             if len(sizes) != g.dp_size or sizes[g.dp_rank] != num_tokens:
                 raise DispatcherError(
                     f"StandardDispatcher: the step's BatchInfo gives DP sizes {list(sizes)} but "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import shlex
 from types import MappingProxyType
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple, TypeVar, Union
 
 from moe_a2a.server_args.errors import REMOVAL_RELEASE, ConfigError, shown
 from moe_a2a.server_args.fields import (
@@ -72,11 +72,12 @@ def _spelling_help(flag: SpellingFlag) -> str:
 
 
 Container = Union[argparse.ArgumentParser, "argparse._ArgumentGroup"]
+ContainerT = TypeVar("ContainerT", bound=Container)
 
 
-def add_arguments(parser: Container, *,
+def add_arguments(parser: ContainerT, *,
                   strict_parser: Optional[argparse.ArgumentParser] = None,
-                  defaults: Optional[Mapping[str, Any]] = None) -> Container:
+                  defaults: Optional[Mapping[str, Any]] = None) -> ContainerT:
     """Add every server flag (with aliases and SGLang's spellings) to ``parser``.
 
     ``parser`` is an ``ArgumentParser`` (the flags are then sorted into titled groups) or an
@@ -127,7 +128,7 @@ def add_arguments(parser: Container, *,
 
 def own_flags() -> Tuple[str, ...]:
     """Every option string moe-a2a owns: fields, aliases, ``--no-`` forms, spellings."""
-    out = []
+    out: List[str] = []
     for spec in FIELDS:
         out += spec.flags
         if spec.type is bool:
@@ -165,11 +166,11 @@ HELP_FLAGS = ("-h", "--help")
 class _RaisingParser(argparse.ArgumentParser):
     """A parser for ``resolve(argv)``: errors are ConfigError, never ``sys.exit`` or output."""
 
-    def error(self, message: str) -> None:  # noqa: D401 - argparse API
+    def error(self, message: str) -> NoReturn:  # noqa: D401 - argparse API
         raise ConfigError(f"server arguments: {message}; fix: see `moe-a2a config --help` "
                           f"(or moe_a2a.server_args.help_text())")
 
-    def exit(self, status: int = 0, message: Optional[str] = None) -> None:  # noqa: D401
+    def exit(self, status: int = 0, message: Optional[str] = None) -> NoReturn:  # noqa: D401
         # argparse exits only through error() and its help/version actions; never here
         raise ConfigError(f"server arguments: {message or 'argparse asked to exit'}")
 

@@ -432,7 +432,7 @@ def _unwrap(annotation: Any) -> Tuple[type, bool]:
     return annotation, False
 
 
-def _field_specs(model: type) -> Tuple[FieldSpec, ...]:
+def _field_specs(model: type[BaseModel]) -> Tuple[FieldSpec, ...]:
     specs = []
     for name, info in model.model_fields.items():
         args = [m for m in info.metadata if isinstance(m, Arg)]

@@ -165,7 +165,8 @@ def install_near_miss_check(parser: argparse.ArgumentParser, own: Sequence[str])
             raise ConfigError(message)
         return parsed, extras
 
-    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+    # mypy cannot check a plain function replacing an overloaded method
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign, assignment]
 
 
 __all__ = [

@@ -131,10 +131,8 @@ def read_sglang_var(env: Mapping[str, str], var: str) -> Optional[EnvValue]:
     moe-a2a keeps the current name authoritative), with a note when they disagree.
     """
     new, old = present(env, var), present(env, old_spelling(var))
-    if new is None and old is None:
-        return None
     if old is None:
-        return EnvValue(var, new)
+        return None if new is None else EnvValue(var, new)
     note = (f"{old_spelling(var)} is SGLang's older spelling of {var}; it is honoured, but rename "
             f"it to {var}")
     if new is None:

@@ -75,6 +75,11 @@ class ReplicaDispatch:
         device: where the tables live (the layers' device).
     """
 
+    location: ExpertLocation
+    all_physical: torch.Tensor       # [L, E, R_max], set by update
+    counts: torch.Tensor             # [L, E]
+    table: Optional[torch.Tensor]    # [L, E]: static per-rank table, else None
+
     def __init__(self, location: ExpertLocation, *, algorithm: str, per_rank: bool, ep_rank: int,
                  num_nodes: int = 1, seed: int = 0, device: torch.device = torch.device("cpu")) -> None:
         if algorithm not in DISPATCH_ALGORITHMS:
@@ -86,7 +91,6 @@ class ReplicaDispatch:
         self.num_nodes = num_nodes
         self.seed = seed
         self.device = device
-        self.location: Optional[ExpertLocation] = None
         self.update(location)
 
     def update(self, location: ExpertLocation) -> None:
@@ -100,9 +104,10 @@ class ReplicaDispatch:
         tables = {"all_physical": padded, "counts": location.replica_counts}  # [L, E, R_max], [L, E]
         if self.algorithm == "static" and self.per_rank:
             tables["table"] = static_dispatch_table(location, self.ep_rank, num_nodes=self.num_nodes)
-        first = getattr(self, "location", None) is None
-        if not first and tuple(location.physical_to_logical.shape) != \
-                tuple(self.location.physical_to_logical.shape):
+        old: Optional[ExpertLocation] = getattr(self, "location", None)
+        first = old is None
+        if old is not None and tuple(location.physical_to_logical.shape) != \
+                tuple(old.physical_to_logical.shape):
             raise MoeA2AError("ReplicaDispatch.update: a new placement must keep the layers and "
                               "physical experts of the old one")
         for name, value in tables.items():

@@ -111,6 +111,8 @@ class RemapState(StepObserver):
     def shared_ranks(self, routed: torch.Tensor, layer_id: int) -> torch.Tensor:
         """``[T]`` int64: the rank computing each token's shared expert."""
         g, shared = self.groups, self.shared
+        if shared is None:
+            raise MoeA2AError("RemapState.shared_ranks: no fused shared columns")
         if shared.placement == "own":
             return torch.full((routed.shape[0],), g.ep_rank, dtype=torch.int64, device=routed.device)
         if shared.placement == "spread":  # the same on every rank that routes the row

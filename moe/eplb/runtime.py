@@ -225,6 +225,8 @@ def build_eplb(args: Any, routers: Sequence[RouterConfig], layer_weights: Sequen
     if config.enable_rebalance:
         if groups.ep_size < 2:
             raise MoeA2AError("EPLB rebalancing needs ep_size > 1 (--enable-eplb)")
+        # enable_rebalance implies places_experts (replicas) and a recorder (mode "stat")
+        assert recorder is not None and replicas is not None
         manager = EPLBManager(recorder=recorder, replicas=replicas, groups=groups,
                               every=config.rebalance_every, algorithm=config.algorithm,
                               num_groups=routers[0].n_group, num_nodes=config.num_nodes,

@@ -25,7 +25,7 @@ the factor and nothing scales afterwards, so the column carries 1.0
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Dict, List, Union
 
 import torch
 
@@ -127,13 +127,14 @@ def fused_physical_weights(weights: MoEWeights, ep_size: int) -> MoEWeights:
     per_rank = routed // ep_size
     inter = weights.intermediate_size
     s = weights.shared
+    assert s is not None  # shared_slots_needed raised otherwise
     shared_gate = s.w_gate.view(num_shared, inter, -1)
     shared_up = s.w_up.view(num_shared, inter, -1)
     shared_down = s.w_down.view(s.w_down.shape[0], num_shared, inter).transpose(0, 1)
     p2l = weights.physical_to_logical
     if p2l is None:
         p2l = torch.arange(routed)
-    parts = {"w_gate": [], "w_up": [], "w_down": [], "p2l": []}
+    parts: Dict[str, List[torch.Tensor]] = {"w_gate": [], "w_up": [], "w_down": [], "p2l": []}
     for rank in range(ep_size):
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
         parts["w_gate"] += [weights.w_gate[rows], shared_gate.to(weights.dtype)]
