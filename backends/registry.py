@@ -62,7 +62,7 @@ from moe_a2a.backends.settings import BackendSettings, NoSettings
 from moe_a2a.backends.spec import BackendSpec, RequirementLike, normalize_name, validate_name
 
 ENTRY_POINT_GROUP = "moe_a2a.backends"
-DOCS_HINT = "docs/custom-backend.md"
+DOCS_HINT = "https://github.com/moe-a2a/moe-a2a/blob/main/docs/custom-backend.md"
 # Per-class record of the backends a class was registered as, set by register_backend; the
 # entry-point loader reads it so a module imported before a registry restore still registers.
 _CLASS_ATTR = "__moe_a2a_backends__"
@@ -333,8 +333,8 @@ class BackendRegistry:
         registered = list(self._specs)
         ordered = [n for n in BUILTIN_NAMES if n in registered] + sorted(
             n for n in registered if n not in BUILTIN_NAMES)
-        how = (f"register one by decorating a dispatchers.BaseDispatcher subclass with "
-               f"@backends.register_backend({_show(key)}, token_layout=..., ep_policy=...), or expose "
+        how = (f"register one by decorating a moe_a2a.dispatchers.BaseDispatcher subclass with "
+               f"@moe_a2a.backends.register_backend({_show(key)}, token_layout=..., ep_policy=...), or expose "
                f"it from a package through the entry-point group {ENTRY_POINT_GROUP!r} "
                f"(see {DOCS_HINT})")
         if key in SGLANG_ONLY_BACKENDS:

@@ -339,7 +339,7 @@ class BackendSpec:
         if not _is_dispatcher_class(obj):
             raise InvalidBackendError(
                 f"backend {self.name!r}: {self.dispatcher!r} is {obj!r}, not a subclass of "
-                f"dispatchers.BaseDispatcher or dispatchers.FusedMoE; fix: point the backend at "
+                f"moe_a2a.dispatchers.BaseDispatcher or moe_a2a.dispatchers.FusedMoE; fix: point the backend at "
                 f"one of those"
             )
         _check_class_contract(self.name, obj, self.fused_experts)
@@ -437,8 +437,8 @@ def _check_dispatcher(name: str, dispatcher: Any) -> Union[str, type]:
         if not _is_dispatcher_class(dispatcher):
             raise InvalidBackendError(
                 f"backend {name!r}: dispatcher class {dispatcher.__module__}."
-                f"{dispatcher.__qualname__} does not subclass dispatchers.BaseDispatcher (or "
-                f"dispatchers.FusedMoE); fix: derive it from dispatchers.BaseDispatcher and "
+                f"{dispatcher.__qualname__} does not subclass moe_a2a.dispatchers.BaseDispatcher (or "
+                f"moe_a2a.dispatchers.FusedMoE); fix: derive it from moe_a2a.dispatchers.BaseDispatcher and "
                 f"implement dispatch/combine"
             )
         return dispatcher

@@ -234,7 +234,7 @@ def test_dispatcher_path_not_a_dispatcher():
     spec = register_backend("lazy_wrong", "json:JSONDecoder", token_layout="scattered",
                             ep_policy="tp")
     ok, reason = check_availability(spec, "cpu")
-    assert not ok and "'json:JSONDecoder'" in reason and "not a subclass of dispatchers.BaseDispatcher" in reason
+    assert not ok and "'json:JSONDecoder'" in reason and "not a subclass of moe_a2a.dispatchers.BaseDispatcher" in reason
 
 
 def test_builtins_report_truthfully(no_cuda):

@@ -389,7 +389,7 @@ def test_decorator_rejects_non_dispatcher_class():
         class Plain:
             pass
     msg = str(info.value)
-    assert "Plain does not subclass dispatchers.BaseDispatcher" in msg and "fix:" in msg
+    assert "Plain does not subclass moe_a2a.dispatchers.BaseDispatcher" in msg and "fix:" in msg
     with pytest.raises(UnknownBackendError):
         get_backend("plain")
 
