@@ -39,7 +39,7 @@ for backend in ("alltoall", "none"):
             for _ in range(10): comm()
             torch.cuda.synchronize()
         print(f"===== {backend} T={T}")
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by=os.environ.get("SORT", "self_cuda_time_total"), row_limit=int(os.environ.get("ROWS", "14")), max_name_column_width=60))
         ev = prof.key_averages()
         syncs = [e for e in ev if "Synchronize" in e.key or "DtoH" in e.key or "item" in e.key or "_local_scalar_dense" in e.key]
         print("sync-ish:", [(e.key, e.count) for e in syncs])
