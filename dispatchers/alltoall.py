@@ -150,12 +150,11 @@ class AllToAllDispatcher(BaseDispatcher):
         ids = topk.ids.to(device=device, dtype=torch.int64)
         weights = topk.weights.to(device=device, dtype=torch.float32)
 
-        # [T, K] destination rank of each column (W = dropped: the -1 ids); [T, W] mask of the
-        # ranks each token goes to
-        dest = torch.where(ids >= 0, torch.div(ids, e_local, rounding_mode="floor"),
-                           torch.full_like(ids, world))
-        hit = torch.zeros(num_tokens, world + 1, dtype=torch.int64, device=device)
-        hit.scatter_(1, dest, 1)
+        # [T, K] destination rank of each column (W = dropped: -1 floors to -1, which wraps to
+        # W); [T, W] mask of the ranks each token goes to
+        dest = torch.div(ids, e_local, rounding_mode="floor").remainder_(world + 1)
+        hit = torch.zeros(num_tokens, world + 1, dtype=torch.bool, device=device)
+        hit.scatter_(1, dest, True)
         hit = hit[:, :world]
 
         counts = self._count_buffer(device)
@@ -192,7 +191,7 @@ class AllToAllDispatcher(BaseDispatcher):
         """The send side of ``dispatch``, from local facts only.
 
         Args:
-            hit: ``[T, W]`` int64, 1 where the token goes to the rank.
+            hit: ``[T, W]`` bool, where the token goes to the rank.
             send_counts: ``[W]`` int64 (on the device), ``num_send`` its sum (on the host).
         Returns:
             ``(send_token [S] int64 origin token per sent row, meta [S, 2K] float32 packed
@@ -205,8 +204,8 @@ class AllToAllDispatcher(BaseDispatcher):
         # slot of each (token, rank) pair: rank offset + rank-local order (an exclusive cumsum
         # down the tokens); pairs not sent go to a dump slot. One scatter of the flat pair index
         # t * W + r gives both the token and the rank of every slot.
-        slot = torch.cumsum(hit, dim=0).sub_(hit).add_(torch.cumsum(send_counts, 0) - send_counts)
-        slot.masked_fill_(hit == 0, num_send)
+        first = torch.cumsum(send_counts, 0).sub_(send_counts).sub_(1)  # rank offset - 1
+        slot = torch.where(hit, torch.cumsum(hit, dim=0).add_(first), num_send)
         pair = torch.empty(num_send + 1, dtype=torch.int64, device=device)
         pair.scatter_(0, slot.reshape(-1), self.comm.arange(num_tokens * world, device))
         pair = pair[:num_send]

@@ -66,9 +66,8 @@ class ExpertPlacement:
 
     def to_local(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """``[N, K]`` global ids (``-1`` allowed) → local ids, ``-1`` where another rank owns it."""
-        local = topk_ids - self.first_local_expert
-        mine = (topk_ids >= 0) & (local >= 0) & (local < self.num_local_experts)
-        return torch.where(mine, local, torch.full_like(local, -1))
+        mine = torch.div(topk_ids, self.num_local_experts, rounding_mode="floor").eq(self.ep_rank)
+        return torch.where(mine, topk_ids - self.first_local_expert, -1)  # -1 ids floor to -1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,7 +115,7 @@ def group_pairs_by_expert(local_ids: torch.Tensor, num_local_experts: int):
         ``StandardDispatchOutput``.
     """
     flat = local_ids.reshape(-1)
-    key = torch.where(flat >= 0, flat, torch.full_like(flat, num_local_experts))  # "not here" last
+    key = flat.remainder(num_local_experts + 1)  # -1 ("not here") becomes E_local: sorted last
     order = torch.argsort(key, stable=True)
     # scatter_add, not bincount: bincount sizes its output from max(key), a device read
     counts = torch.zeros(num_local_experts + 1, dtype=torch.int64, device=flat.device)
@@ -135,10 +134,11 @@ def localize_topk(ids: torch.Tensor, weights: torch.Tensor, dest_rank: torch.Ten
     Returns:
         ``(local_ids [N, K] int64, local_weights [N, K] float32)``.
     """
-    local = ids - (dest_rank * num_local_experts).unsqueeze(1)
-    mine = (ids >= 0) & (local >= 0) & (local < num_local_experts)
-    local = torch.where(mine, local, torch.full_like(local, -1))
-    return local, torch.where(mine, weights, torch.zeros((), dtype=weights.dtype, device=weights.device))
+    # the owner of id e is e // E_local; -1 ids floor to -1, which is no rank. Five kernels:
+    # on GPUs the host launch time of these small ops is most of a decode-size dispatch.
+    mine = torch.div(ids, num_local_experts, rounding_mode="floor").eq(dest_rank.unsqueeze(1))
+    local = torch.where(mine, ids.remainder(num_local_experts), -1)
+    return local, torch.where(mine, weights, 0.0)
 
 
 class Pending(Generic[T]):
