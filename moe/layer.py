@@ -18,6 +18,7 @@ first (the real reason on failure), then that the class keeps the spec's contrac
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, List, Optional, Sequence, Type, Union, cast
 
 import torch
@@ -31,6 +32,7 @@ from moe_a2a.dispatchers import (
     DispatcherSetup,
     ForwardMode,
     FusedMoE,
+    PhysicalTopK,
     ResourceOwner,
     agree_batch,
 )
@@ -291,14 +293,16 @@ class EPMoE(torch.nn.Module):
         step = self._step(int(hidden.shape[0]))
         fused = self.fused if self.uses_fused_path(step.batch) else None
         dispatcher = self.dispatcher
+        run: Callable[..., torch.Tensor]
         if fused is not None:
-            path, layout = "fused", fused.token_layout
+            path, layout, run = "fused", fused.token_layout, fused.forward
         else:
             if dispatcher is None:
                 raise MoeA2AError(f"backend {self.spec.name} has no fallback for a step above its "
                                   f"capacity {self.fused_capacity}")
             path = "fallback" if self.fused is not None else "dispatch"
             layout = dispatcher.token_layout or self.spec.token_layout
+            run = functools.partial(self._dispatch_and_combine, dispatcher)
         if layout == "scattered" and groups.attn_tp_size > 1:
             rows = RowSpan.slice_of(int(hidden.shape[0]), groups.attn_tp_size, groups.attn_tp_rank)
         else:
@@ -309,15 +313,7 @@ class EPMoE(torch.nn.Module):
         for observer in self.observers:
             observer.observe(self.layer_id, topk, rows, step)
         physical = self.remap.to_physical(topk, self.layer_id)
-        if fused is not None:
-            out = fused.forward(x, physical, batch=step.batch)
-        else:
-            assert dispatcher is not None  # raised above otherwise
-            dispatched = dispatcher.dispatch(x, physical, batch=step.batch)
-            expert_out = self.experts(dispatched)
-            out = dispatcher.combine(
-                CombineInput(expert_output=expert_out, dispatch_output=dispatched),
-                batch=step.batch)
+        out = run(x, physical, batch=step.batch)
         self._check_output(out, x, path)
         self.path_counts[path] += 1
         if self.shared is not None:
@@ -325,6 +321,13 @@ class EPMoE(torch.nn.Module):
         if rows.scattered:
             out = all_gather_known_sizes(out, rows.split_sizes, groups.attn_tp_group)
         return out
+
+    def _dispatch_and_combine(self, dispatcher: BaseDispatcher, x: torch.Tensor,
+                              physical: PhysicalTopK, *, batch: BatchInfo) -> torch.Tensor:
+        dispatched = dispatcher.dispatch(x, physical, batch=batch)
+        expert_out = self.experts(dispatched)
+        return dispatcher.combine(
+            CombineInput(expert_output=expert_out, dispatch_output=dispatched), batch=batch)
 
     def _check_output(self, out: Any, x: torch.Tensor, path: str) -> None:
         """The combine (or fused) result must be exactly ``[T, H]`` in x's dtype and device."""

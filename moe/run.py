@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from moe_a2a.errors import MoeA2AError
 from moe_a2a.launcher import RankError, launch  # noqa: F401 - RankError: re-exported
 from moe_a2a.parallel import (ParallelSizes, default_backend, destroy_distributed, init_distributed,
                           make_parallel_context)
@@ -66,19 +67,24 @@ class _Oracle:
     """Single-process reference for one layer, in fp32 on the rank's own device."""
 
     def __init__(self, weights, router, hf_block, device: torch.device):
-        self.router = router
+        self.router = router  # these three also build the capture check's RouterOracle
         self.weights = None if weights is None else weights.to(device, torch.float32)
         self.hf_block = None if hf_block is None else hf_block.to(device)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.hf_block is not None:
             from moe_a2a.hf import hf_forward
 
-            return hf_forward(self.hf_block, x)
-        from moe_a2a.reference import reference_moe
+            block = self.hf_block
+            self._forward: Callable[[torch.Tensor], torch.Tensor] = lambda x: hf_forward(block, x)
+        elif self.weights is not None:
+            from moe_a2a.reference import reference_moe
 
-        assert self.weights is not None  # built with weights when there is no hf_block
-        return reference_moe(x, self.weights, self.router)[0]
+            fp32 = self.weights
+            self._forward = lambda x: reference_moe(x, fp32, router)[0]
+        else:
+            raise MoeA2AError("the reference needs a transformers block or the layer's weights")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x)
 
 
 def _build_stack(plan: RunPlan, args: "ServerArgs", ctx: "ParallelContext", dtype: torch.dtype,

@@ -24,7 +24,14 @@ from moe_a2a.server_args.backend_args import (
     mode_field,
 )
 from moe_a2a.server_args.errors import ConfigError
-from moe_a2a.server_args.fields import DEEPEP_MODES, FIELDS, FIELDS_BY_NAME, MODE_FIELD, describe
+from moe_a2a.server_args.fields import (
+    DEEPEP_MODES,
+    FIELDS,
+    FIELDS_BY_NAME,
+    MODE_FIELD,
+    RUNNER_SELECTS_BACKEND,
+    describe,
+)
 from moe_a2a.server_args.files import (
     check_expert_location_json,
     expert_location_kind,
@@ -379,9 +386,9 @@ RESOLVED_STATES: Tuple[ResolvedState, ...] = (
                   or v["expert_distribution_recorder_buffer_size"] is not None,
                   "an active recorder gets a buffer size (--eplb-rebalance-num-iterations)"),
     ResolvedState(("moe_runner_backend",),
-                  lambda v: v["moe_runner_backend"] != "megamoe",
-                  "--moe-runner-backend megamoe becomes --moe-a2a-backend megamoe with the auto "
-                  "runner"),
+                  lambda v: v["moe_runner_backend"] != RUNNER_SELECTS_BACKEND,
+                  f"--moe-runner-backend {RUNNER_SELECTS_BACKEND} becomes --moe-a2a-backend "
+                  f"{RUNNER_SELECTS_BACKEND} with the auto runner"),
 )
 
 

@@ -118,10 +118,16 @@ def _check_positive(name: str, value: int, minimum: int = 1) -> None:
 
 def resolve_groups(shape: "ModelShape") -> "ModelShape":
     """Fill in ``n_group``/``topk_group`` left to adapt to the expert count."""
+    n_group, topk_group = routing_groups(shape)
+    return dataclasses.replace(shape, n_group=n_group, topk_group=topk_group)
+
+
+def routing_groups(shape: "ModelShape") -> Tuple[int, int]:
+    """``(n_group, topk_group)``: the given ones, or what adapts to the expert count."""
     from moe_a2a.routing import default_groups
 
     if shape.n_group is not None and shape.topk_group is not None:
-        return shape
+        return shape.n_group, shape.topk_group
     if shape.n_group is None:
         n_group, topk_group = default_groups(shape.num_experts, shape.top_k)
         if shape.topk_group is not None:
@@ -131,7 +137,7 @@ def resolve_groups(shape: "ModelShape") -> "ModelShape":
         n_group = shape.n_group
         per_group = max(1, shape.num_experts // max(1, n_group))
         topk_group = min(n_group, max(n_group // 2, -(-shape.top_k // per_group), 1))
-    return dataclasses.replace(shape, n_group=n_group, topk_group=topk_group)
+    return n_group, topk_group
 
 
 def checked_shape(shape: "ModelShape", args: "ServerArgs") -> "ModelShape":
@@ -164,12 +170,11 @@ def checked_shape(shape: "ModelShape", args: "ServerArgs") -> "ModelShape":
     if shape.top_k > shape.num_experts:
         raise MoeA2AError(f"--top-k {shape.top_k} exceeds --num-experts {shape.num_experts}: "
                           f"choose top-k <= num-experts")
-    shape = resolve_groups(shape)
-    assert shape.n_group is not None and shape.topk_group is not None  # resolve_groups filled them
+    n_group, topk_group = routing_groups(shape)
     RouterConfig(num_experts=shape.num_experts, top_k=shape.top_k, scoring="sigmoid",
-                 n_group=shape.n_group, topk_group=shape.topk_group, renormalize=True,
+                 n_group=n_group, topk_group=topk_group, renormalize=True,
                  routed_scaling_factor=shape.routed_scaling_factor, has_correction_bias=True)
-    return shape
+    return dataclasses.replace(shape, n_group=n_group, topk_group=topk_group)
 
 
 def _check_hf_shape(path: str, args: "ServerArgs") -> None:

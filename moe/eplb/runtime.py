@@ -225,8 +225,9 @@ def build_eplb(args: Any, routers: Sequence[RouterConfig], layer_weights: Sequen
     if config.enable_rebalance:
         if groups.ep_size < 2:
             raise MoeA2AError("EPLB rebalancing needs ep_size > 1 (--enable-eplb)")
-        # enable_rebalance implies places_experts (replicas) and a recorder (mode "stat")
-        assert recorder is not None and replicas is not None
+        if recorder is None or replicas is None:  # places_experts and mode "stat" give both
+            raise MoeA2AError(f"EPLB rebalancing got no {'recorder' if recorder is None else 'replicas'}"
+                              f" from {config!r}; this is a bug in moe_a2a.eplb, please report it")
         manager = EPLBManager(recorder=recorder, replicas=replicas, groups=groups,
                               every=config.rebalance_every, algorithm=config.algorithm,
                               num_groups=routers[0].n_group, num_nodes=config.num_nodes,

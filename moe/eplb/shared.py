@@ -30,7 +30,7 @@ from typing import Dict, List, Union
 import torch
 
 from moe_a2a.errors import MoeA2AError
-from moe_a2a.weights import MoEWeights
+from moe_a2a.weights import MoEWeights, SharedExpertWeights
 
 
 def shared_column_weight(routed_scaling_factor: float, scaled_after_combine: bool = False) -> float:
@@ -102,12 +102,16 @@ def fuse_shared_experts(topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
         recorder_ids=topk_ids)
 
 
-def shared_slots_needed(weights: MoEWeights) -> int:
-    """``S``: slots of the routed experts' size the shared expert fills (``Is / I``)."""
+def _shared_expert(weights: MoEWeights) -> SharedExpertWeights:
     if weights.shared is None:
         raise MoeA2AError("shared-experts fusion needs a shared expert, but the weights have "
                           "none; fix: drop --enforce-shared-experts-fusion (or give one)")
-    shared, routed = weights.shared.intermediate_size, weights.intermediate_size
+    return weights.shared
+
+
+def shared_slots_needed(weights: MoEWeights) -> int:
+    """``S``: slots of the routed experts' size the shared expert fills (``Is / I``)."""
+    shared, routed = _shared_expert(weights).intermediate_size, weights.intermediate_size
     if shared % routed:
         raise MoeA2AError(f"shared-experts fusion cuts the shared expert (intermediate size "
                           f"{shared}) into slots of the routed experts' size {routed}: {shared} "
@@ -126,8 +130,7 @@ def fused_physical_weights(weights: MoEWeights, ep_size: int) -> MoEWeights:
         raise MoeA2AError(f"{routed} physical routed experts cannot be split over ep {ep_size}")
     per_rank = routed // ep_size
     inter = weights.intermediate_size
-    s = weights.shared
-    assert s is not None  # shared_slots_needed raised otherwise
+    s = _shared_expert(weights)
     shared_gate = s.w_gate.view(num_shared, inter, -1)
     shared_up = s.w_up.view(num_shared, inter, -1)
     shared_down = s.w_down.view(s.w_down.shape[0], num_shared, inter).transpose(0, 1)
