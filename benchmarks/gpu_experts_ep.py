@@ -23,10 +23,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_layer import _timer, card_figures, dsv3_weights  # noqa: E402
+from gpu_layer import _timer, card_figures, dsv3_setup  # noqa: E402
 
 from moe_a2a.dispatchers import ExpertPlacement, StandardDispatchOutput  # noqa: E402
-from moe_a2a.routing import RouterConfig, route  # noqa: E402
+from moe_a2a.routing import route  # noqa: E402
 from moe_a2a.runners import GroupedMMExperts  # noqa: E402
 
 
@@ -55,13 +55,8 @@ def main() -> None:
     opts = p.parse_args()
     device = torch.device(opts.device)
     measure = _timer(device)
-    e, h, i, k = (16, 256, 128, 4) if opts.small else (256, 7168, 2048, 8)
-    n_group, topk_group = (4, 2) if opts.small else (8, 4)
     card = card_figures(device, measure, opts.small)
-    weights = dsv3_weights(device, torch.bfloat16, e, h, i, i)
-    router = RouterConfig(num_experts=e, top_k=k, scoring="sigmoid", n_group=n_group,
-                          topk_group=topk_group, renormalize=True, routed_scaling_factor=2.5,
-                          has_correction_bias=True)
+    (e, h, i, k), weights, router = dsv3_setup(device, opts.small)
     runner = GroupedMMExperts()
     gen = torch.Generator(device=device).manual_seed(1)
     rows = []

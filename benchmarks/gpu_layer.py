@@ -94,6 +94,18 @@ def dsv3_weights(device, dtype, e, h, i, shared_i, seed=0) -> MoEWeights:
                       w_gate=w_gate, w_up=w_up, w_down=w_down, shared=shared)
 
 
+def dsv3_setup(device: torch.device, small: bool):
+    """``((E, H, I, K), weights, router)``: the DeepSeek-V3 MoE shape with random weights and
+    its router (grouped top-k 8/4, sigmoid, correction bias, scaling 2.5); tiny with ``small``."""
+    e, h, i, k = (16, 256, 128, 4) if small else (256, 7168, 2048, 8)
+    n_group, topk_group = (4, 2) if small else (8, 4)
+    weights = dsv3_weights(device, torch.bfloat16, e, h, i, i)
+    router = RouterConfig(num_experts=e, top_k=k, scoring="sigmoid", n_group=n_group,
+                          topk_group=topk_group, renormalize=True, routed_scaling_factor=2.5,
+                          has_correction_bias=True)
+    return (e, h, i, k), weights, router
+
+
 def layer_figures(stack: MoEStack, runner_name: str, x: torch.Tensor, measure, card,
                   repeats: int, e: int, h: int, i: int, graph: bool) -> Dict[str, object]:
     layer = stack.layers[0]
@@ -181,13 +193,8 @@ def main() -> None:
         device = torch.device("cuda", device.index or 0)
         torch.cuda.set_device(device)
     measure = _timer(device)
-    e, h, i, k = (16, 256, 128, 4) if opts.small else (256, 7168, 2048, 8)
-    n_group, topk_group = (4, 2) if opts.small else (8, 4)
     card = card_figures(device, measure, opts.small)
-    weights = dsv3_weights(device, torch.bfloat16, e, h, i, i)
-    router = RouterConfig(num_experts=e, top_k=k, scoring="sigmoid", n_group=n_group,
-                          topk_group=topk_group, renormalize=True, routed_scaling_factor=2.5,
-                          has_correction_bias=True)
+    (e, h, i, k), weights, router = dsv3_setup(device, opts.small)
     args = resolve(env={}, moe_a2a_backend="none", tp_size=1)
     ctx = make_parallel_context(ParallelSizes.from_server_args(args), 0, device)
     runners = {"reference": ReferenceExperts(), "grouped_mm": GroupedMMExperts()}

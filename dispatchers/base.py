@@ -105,6 +105,18 @@ class DispatcherSetup:
                          settings=self.settings)
 
 
+def _order_by_expert(local_ids: torch.Tensor, num_local_experts: int):
+    flat = local_ids.reshape(-1)
+    key = flat.remainder(num_local_experts + 1)  # -1 ("not here") becomes E_local: sorted last
+    return torch.argsort(key, stable=True), key
+
+
+def pair_order_by_expert(local_ids: torch.Tensor, num_local_experts: int) -> torch.Tensor:
+    """``[R*K]`` int64: the (row, k) pairs of ``local_ids [R, K]`` grouped by local expert
+    (stable), the ``-1`` pairs last; ``pair_order`` of ``group_pairs_by_expert``."""
+    return _order_by_expert(local_ids, num_local_experts)[0]
+
+
 def group_pairs_by_expert(local_ids: torch.Tensor, num_local_experts: int):
     """Group the (row, k) pairs by local expert, without a device-to-host sync.
 
@@ -114,11 +126,9 @@ def group_pairs_by_expert(local_ids: torch.Tensor, num_local_experts: int):
         ``(pair_order [R*K] int64, tokens_per_expert [E_local] int64)``, see
         ``StandardDispatchOutput``.
     """
-    flat = local_ids.reshape(-1)
-    key = flat.remainder(num_local_experts + 1)  # -1 ("not here") becomes E_local: sorted last
-    order = torch.argsort(key, stable=True)
+    order, key = _order_by_expert(local_ids, num_local_experts)
     # scatter_add, not bincount: bincount sizes its output from max(key), a device read
-    counts = torch.zeros(num_local_experts + 1, dtype=torch.int64, device=flat.device)
+    counts = torch.zeros(num_local_experts + 1, dtype=torch.int64, device=key.device)
     counts.scatter_add_(0, key, torch.ones_like(key))
     return order, counts[:num_local_experts]
 
@@ -280,4 +290,5 @@ __all__ = [
     "TopK",
     "group_pairs_by_expert",
     "localize_topk",
+    "pair_order_by_expert",
 ]

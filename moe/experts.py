@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Type
 import torch
 import torch.nn.functional as F
 
+from moe_a2a.dispatchers.base import pair_order_by_expert
 from moe_a2a.dispatchers.outputs import (
     DeepEPLowLatencyOutput,
     DeepEPNormalOutput,
@@ -87,9 +88,7 @@ class ReferenceExperts:
                 f"num_recv_tokens_per_expert lists {len(counts)} experts; this rank holds "
                 f"{w.num_local_experts}")
         k = int(out.topk_ids.shape[1])
-        flat = out.topk_ids.reshape(-1)
-        key = torch.where(flat >= 0, flat, torch.full_like(flat, w.num_local_experts))
-        pairs = torch.argsort(key, stable=True)[:sum(counts)]
+        pairs = pair_order_by_expert(out.topk_ids, w.num_local_experts)[:sum(counts)]
         return _weighted_sum(x, pairs, k, out.topk_weights, counts, w)
 
     def _deepep_low_latency(self, out: DeepEPLowLatencyOutput, w: LocalExpertWeights) -> torch.Tensor:
